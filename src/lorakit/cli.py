@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from lorakit.errors import LorakitError
 
+# name: (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
+# Modules are imported only for the command that runs, so `lorakit --help` stays fast.
 SUBCOMMANDS = {
-    # name: (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
     "random-model": ("lorakit.testing.cli", "write a random-weight SDXL-architecture model (tiny or full)"),
 }
 
@@ -16,17 +18,17 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="lorakit", description="Train SDXL LoRA adapters.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        import importlib
-
-        module = importlib.import_module(module_name)
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND",
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in SUBCOMMANDS.items()))
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    top = parser.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    module_name, help_text = SUBCOMMANDS[top.command]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"lorakit {top.command}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
     try:
-        return modules[args.command].run(args)
+        return module.run(args)
     except LorakitError as error:
         print(f"lorakit: error: {error}", file=sys.stderr)
         return 2
