@@ -1,0 +1,112 @@
+"""The loaded SDXL model: its four networks, two tokenizers and where they came from."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+from lorakit.hashing import legacy_model_hash, sha256_file
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Name and file hashes of a model, as LoRA metadata records them (reference §6.3, §6.4).
+
+    `name` is the basename of a local path or the hub id. The hashes are computed on first use and cached:
+    hashing a 7 GB checkpoint takes a while, and loading must not wait for it.
+    """
+
+    name: str
+    path: str | None
+
+    @classmethod
+    def of(cls, path_or_id: str | os.PathLike) -> ModelIdentity:
+        text = os.fspath(path_or_id)
+        if os.path.exists(text):
+            return cls(name=Path(text).name, path=str(Path(text).resolve()))
+        return cls(name=text, path=None)
+
+    @functools.cached_property
+    def legacy_hash(self) -> str | None:
+        """`ss_sd_model_hash`: A1111's old 8-hex hash; None unless the model is a local path."""
+        return legacy_model_hash(self.path) if self.path else None
+
+    @functools.cached_property
+    def sha256(self) -> str | None:
+        """`ss_new_sd_model_hash`: SHA-256 of the whole file; None unless the model is a local file."""
+        return sha256_file(self.path) if self.path and os.path.isfile(self.path) else None
+
+
+@dataclass
+class SDXLComponents:
+    """SDXL as diffusers and transformers modules.
+
+    text_encoder1 is CLIP ViT-L/14 (`CLIPTextModel`), text_encoder2 OpenCLIP ViT-bigG/14 converted to
+    `CLIPTextModelWithProjection`. `vae_identity` is set when the VAE came from a separate `--vae`.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder1: torch.nn.Module
+    text_encoder2: torch.nn.Module
+    tokenizer1: CLIPTokenizer
+    tokenizer2: CLIPTokenizer
+    identity: ModelIdentity
+    vae_identity: ModelIdentity | None = None
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The four networks by attribute name, in checkpoint order."""
+        return {"unet": self.unet, "text_encoder1": self.text_encoder1, "text_encoder2": self.text_encoder2,
+                "vae": self.vae}
+
+
+@dataclass(frozen=True)
+class Network:
+    """One of SDXL's four networks: how it is built and where it sits in a single-file (SGM) checkpoint.
+
+    `config(size)` and `config_from_sgm(shapes)` give what `build(config)` takes; `config_of(module)` recovers it
+    from a built module; `to_diffusers` / `to_sgm` rename state dicts between the two layouts.
+    """
+
+    attribute: str
+    subfolder: str
+    prefix: str
+    build: Callable[[Any], torch.nn.Module]
+    config: Callable[[str], Any]
+    config_from_sgm: Callable[[Mapping[str, tuple[int, ...]]], Any]
+    config_of: Callable[[torch.nn.Module], Any]
+    to_diffusers: Callable[[Mapping[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+    to_sgm: Callable[[Mapping[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+
+
+@functools.cache
+def sdxl_networks() -> tuple[Network, ...]:
+    """The U-Net, TE1, TE2 and VAE in the order of an SGM checkpoint (imported lazily: diffusers is heavy)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorakit.models import text_encoders, unet, vae
+
+    def diffusers_config(module: torch.nn.Module) -> dict:
+        return {key: value for key, value in module.config.items() if not key.startswith("_")}
+
+    return (
+        Network("unet", "unet", unet.SGM_PREFIX, lambda config: UNet2DConditionModel(**config), unet.unet_config,
+                unet.unet_config_from_sgm, diffusers_config, unet.unet_to_diffusers, unet.unet_to_sgm),
+        Network("text_encoder1", "text_encoder", text_encoders.TE1_PREFIX, CLIPTextModel, text_encoders.te1_config,
+                text_encoders.te1_config_from_sgm, lambda module: module.config, text_encoders.te1_to_diffusers,
+                text_encoders.te1_to_sgm),
+        Network("text_encoder2", "text_encoder_2", text_encoders.TE2_PREFIX, CLIPTextModelWithProjection,
+                text_encoders.te2_config, text_encoders.te2_config_from_sgm, lambda module: module.config,
+                text_encoders.te2_to_diffusers, text_encoders.te2_to_sgm),
+        Network("vae", "vae", vae.SGM_PREFIX, lambda config: AutoencoderKL(**config), vae.vae_config,
+                vae.vae_config_from_sgm, diffusers_config, vae.vae_to_diffusers, vae.vae_to_sgm),
+    )
