@@ -1,0 +1,213 @@
+"""`--network_args` of `networks.lora` (reference §5.5), parsed into one typed object.
+
+Values arrive as strings (`key=value`, split on the first `=`). Unlike sd-scripts, an unknown key or a
+list of the wrong length is an error naming the key, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from lorakit.errors import LorakitError
+from lorakit.network.targets import NUM_BLOCKS
+
+NUM_IN_OUT_BLOCKS = 9  # input_blocks / output_blocks entries of down_lr_weight / up_lr_weight
+NUM_MID_BLOCKS = 3
+LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+@dataclass(frozen=True)
+class NetworkArgs:
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    down_lr_weight: tuple[float, ...] | None = None
+    mid_lr_weight: tuple[float, ...] | None = None
+    up_lr_weight: tuple[float, ...] | None = None
+    block_lr_zero_threshold: float = 0.0
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+
+    @property
+    def block_lr_weights(self) -> tuple[float, ...] | None:
+        """The 23 per-block LR multipliers (sd-scripts' `get_block_lr_weight`), or None when none was given."""
+        if self.down_lr_weight is None and self.mid_lr_weight is None and self.up_lr_weight is None:
+            return None
+
+        def thresholded(weights: tuple[float, ...] | None, n: int) -> list[float]:
+            if weights is None:
+                return [1.0] * n
+            return [w if w > self.block_lr_zero_threshold else 0.0 for w in weights]
+
+        return tuple([1.0] + thresholded(self.down_lr_weight, NUM_IN_OUT_BLOCKS)
+                     + thresholded(self.mid_lr_weight, NUM_MID_BLOCKS)
+                     + thresholded(self.up_lr_weight, NUM_IN_OUT_BLOCKS) + [1.0])
+
+    @property
+    def uses_conv(self) -> bool:
+        return self.conv_dim is not None or self.conv_block_dims is not None
+
+    def loraplus_ratio(self, part: str) -> float | None:
+        """LoRA+ ratio for `unet` or a text encoder: the specific ratio overrides the general one."""
+        specific = self.loraplus_unet_lr_ratio if part == "unet" else self.loraplus_text_encoder_lr_ratio
+        return specific or self.loraplus_lr_ratio
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Rank and alpha per U-Net block for Linear/1x1 and for 3x3 layers; text encoders use the base pair."""
+
+    dim: int
+    alpha: float | None
+    conv_dim: int | None
+    conv_alpha: float | None
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+
+    def for_layer(self, block: int, conv3x3: bool, unet: bool) -> tuple[int, float | None]:
+        """(rank, alpha) of a layer; rank 0 means no LoRA module there."""
+        if unet and self.block_dims is not None:
+            if not conv3x3:
+                return self.block_dims[block], self.block_alphas[block]
+            if self.conv_block_dims is None:
+                return 0, None
+            return self.conv_block_dims[block], self.conv_block_alphas[block]
+        if not conv3x3:
+            return self.dim, self.alpha
+        return (self.conv_dim or 0), self.conv_alpha
+
+
+def rank_plan(args: NetworkArgs, network_dim: int | None, network_alpha: float | None) -> RankPlan:
+    """sd-scripts' dim/alpha resolution: defaults, per-block lists, and blocks whose LR weight is 0 removed."""
+    dim = 4 if network_dim is None else network_dim
+    alpha = 1.0 if network_alpha is None else network_alpha
+    conv_alpha = (1.0 if args.conv_alpha is None else args.conv_alpha) if args.conv_dim is not None else None
+    lr_weights = args.block_lr_weights
+    if args.block_dims is None and lr_weights is None:
+        return RankPlan(dim, alpha, args.conv_dim, conv_alpha)
+    block_dims = list(args.block_dims or [dim] * NUM_BLOCKS)
+    block_alphas = args.block_alphas or (alpha,) * NUM_BLOCKS
+    conv_block_dims = list(args.conv_block_dims) if args.conv_block_dims is not None else (
+        [args.conv_dim] * NUM_BLOCKS if args.conv_dim is not None else None)
+    if args.conv_block_dims is not None:
+        conv_block_alphas = args.conv_block_alphas or ((1.0 if args.conv_alpha is None else args.conv_alpha),) * NUM_BLOCKS
+    else:
+        conv_block_alphas = (conv_alpha,) * NUM_BLOCKS if args.conv_dim is not None else None
+    for index, weight in enumerate(lr_weights or ()):
+        if weight == 0:
+            block_dims[index] = 0
+            if conv_block_dims is not None:
+                conv_block_dims[index] = 0
+    return RankPlan(dim, alpha, args.conv_dim, conv_alpha, tuple(block_dims), tuple(block_alphas),
+                    tuple(conv_block_dims) if conv_block_dims is not None else None, conv_block_alphas)
+
+
+def parse_network_args(values: Mapping[str, str] | None) -> NetworkArgs:
+    """Parse `--network_args` values (already split into a dict of strings) for `networks.lora`."""
+    fields: dict[str, object] = {}
+    for key, text in (values or {}).items():
+        parser = _PARSERS.get(key)
+        if parser is None:
+            hint = "; use --network_dropout" if key in ("dropout", "neuron_dropout") else ""
+            raise LorakitError(f"--network_args: unknown key {key!r} for networks.lora{hint}; "
+                               f"expected one of {', '.join(sorted(_PARSERS))}")
+        fields[key] = parser(key, str(text).strip())
+    return NetworkArgs(**fields)
+
+
+def _number(key: str, text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise LorakitError(f"--network_args {key}={text!r}: expected {'an integer' if kind is int else 'a number'}") \
+            from None
+
+
+def _int(key: str, text: str) -> int:
+    return _number(key, text, int)
+
+
+def _float(key: str, text: str) -> float:
+    return _number(key, text, float)
+
+
+def _fraction(key: str, text: str) -> float:
+    value = _float(key, text)
+    if not 0 <= value < 1:
+        raise LorakitError(f"--network_args {key}={text}: expected a probability in [0, 1)")
+    return value
+
+
+def _block_list(kind: type):
+    def parse(key: str, text: str) -> tuple:
+        items = text.split(",")
+        if len(items) != NUM_BLOCKS:
+            raise LorakitError(f"--network_args {key}: expected {NUM_BLOCKS} comma-separated values (one per SDXL "
+                               f"block: embedding, 9 input, 3 middle, 9 output, out), got {len(items)}")
+        return tuple(_number(key, item.strip(), kind) for item in items)
+    return parse
+
+
+def _lr_weights(count: int, presets: bool):
+    def parse(key: str, text: str) -> tuple[float, ...]:
+        name, _, base = text.partition("+")
+        if presets and name in LR_WEIGHT_PRESETS:
+            return lr_weight_preset(name, _float(key, base) if base else 0.0, count)
+        if presets and "," not in text and not _is_number(text):
+            raise LorakitError(f"--network_args {key}={text!r}: expected {count} comma-separated numbers or a "
+                               f"preset ({', '.join(LR_WEIGHT_PRESETS)}, optionally with +base)")
+        items = [(_float(key, item.strip()) if item.strip() else 0.0) for item in text.split(",")]
+        if len(items) != count:
+            raise LorakitError(f"--network_args {key}: expected {count} comma-separated values, got {len(items)}")
+        return tuple(items)
+    return parse
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def lr_weight_preset(name: str, base: float, count: int = NUM_IN_OUT_BLOCKS) -> tuple[float, ...]:
+    """sd-scripts' presets for down/up LR weights (shallow -> deep for down, deep -> shallow for up)."""
+    steps = range(count)
+    curve = {
+        "cosine": [math.sin(math.pi * (i / (count - 1)) / 2) for i in reversed(steps)],
+        "sine": [math.sin(math.pi * (i / (count - 1)) / 2) for i in steps],
+        "linear": [i / (count - 1) for i in steps],
+        "reverse_linear": [i / (count - 1) for i in reversed(steps)],
+        "zeros": [0.0] * count,
+    }[name]
+    return tuple(value + base for value in curve)
+
+
+_PARSERS = {
+    "conv_dim": _int,
+    "conv_alpha": _float,
+    "block_dims": _block_list(int),
+    "block_alphas": _block_list(float),
+    "conv_block_dims": _block_list(int),
+    "conv_block_alphas": _block_list(float),
+    "down_lr_weight": _lr_weights(NUM_IN_OUT_BLOCKS, presets=True),
+    "mid_lr_weight": _lr_weights(NUM_MID_BLOCKS, presets=False),
+    "up_lr_weight": _lr_weights(NUM_IN_OUT_BLOCKS, presets=True),
+    "block_lr_zero_threshold": _float,
+    "rank_dropout": _fraction,
+    "module_dropout": _fraction,
+    "loraplus_lr_ratio": _float,
+    "loraplus_unet_lr_ratio": _float,
+    "loraplus_text_encoder_lr_ratio": _float,
+}
