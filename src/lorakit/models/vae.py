@@ -17,9 +17,8 @@ from lorakit.errors import LorakitError
 SGM_PREFIX = "first_stage_model."
 LATENT_SCALE = 0.13025  # SDXL's VAE scaling factor (SD 1.x used 0.18215)
 
-_RESNET_LEAVES = {
-    "norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut",
-}
+# diffusers ResnetBlock2D leaf -> LDM ResnetBlock leaf
+_RESNET_LEAVES = {name: name for name in ("norm1", "conv1", "norm2", "conv2")} | {"conv_shortcut": "nin_shortcut"}
 _ATTENTION_LEAVES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 # Linear in diffusers, 1x1 convolution in LDM.
 _ATTENTION_PROJECTIONS = ("q", "k", "v", "proj_out")
@@ -99,7 +98,9 @@ def _is_attention_projection(ldm_module: str) -> bool:
     return ".mid.attn_1." in ldm_module and ldm_module.rpartition(".")[2] in _ATTENTION_PROJECTIONS
 
 
-def _rename(state: Mapping[str, Tensor], module_map: Mapping[str, str], what: str, *, to_ldm: bool) -> dict[str, Tensor]:
+def _rename(
+    state: Mapping[str, Tensor], module_map: Mapping[str, str], what: str, *, to_ldm: bool
+) -> dict[str, Tensor]:
     """Rename every key through `module_map`, reading each tensor once and reshaping the attention projections."""
     renamed: dict[str, Tensor] = {}
     seen: set[str] = set()
