@@ -1,0 +1,369 @@
+"""From a command line (and an optional `--config_file` TOML) to one validated TrainConfig.
+
+Precedence: command line > config file > defaults. File values go through the same converters and choices as
+the command line. Refused flags, bad values and contradictory flags raise LorakitError with one line;
+adjustments the user should know about are one warning line each on the "lorakit.config.parse" logger
+(a child of "lorakit", which the training entry point configures from --console_log_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tomli_w
+
+from lorakit.config.flags import Flag
+from lorakit.config.train_config import GROUPS, TrainConfig, iter_flags
+from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = ("Train an SDXL LoRA. Accepts the command line of sd-scripts' sdxl_train_network.py; every flag is "
+               "either implemented or refused with a reason.")
+USAGE = ("%(prog)s --pretrained_model_name_or_path PATH (--dataset_config PATH | --train_data_dir PATH) "
+         "[options]")
+NOT_IN_FILES = ("config_file", "output_config")  # only meaningful on the command line
+POSITIVE = ("dataset_repeats", "train_batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+            "vae_batch_size", "network_dim", "max_train_steps", "max_train_epochs", "gradient_accumulation_steps",
+            "lr_scheduler_num_cycles", "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio",
+            "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
+            "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")
+PROBABILITIES = ("caption_dropout_rate", "caption_tag_dropout_rate")
+FRACTIONS = ("validation_split", "network_dropout")
+CAPTION_RANDOMISERS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a LorakitError (one line, no usage dump, no exit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise LorakitError(message)
+
+
+def build_parser(prog: str | None = None, *, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The sd-scripts-compatible parser, grouped for `--help`. With `suppress_defaults`, parsing yields only
+    the flags given (how the command line is layered over a config file)."""
+    parser = _Parser(prog=prog or "sdxl_train_network.py", description=DESCRIPTION, usage=USAGE,
+                     argument_default=argparse.SUPPRESS if suppress_defaults else None,
+                     formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=40))
+    sections = {group: parser.add_argument_group(group.title, group.description) for group in GROUPS}
+    for flag in iter_flags():
+        options: dict[str, Any] = {"dest": flag.name, "help": help_text(flag).replace("%", "%%")}
+        if not suppress_defaults:
+            options["default"] = flag.default
+        if flag.is_switch:
+            options["action"] = "store_true"
+        else:
+            options.update(type=flag.parse, choices=flag.choices, nargs="*" if flag.many else None,
+                           metavar=None if flag.choices else flag.metavar_name)
+        sections[flag.group].add_argument(flag.option, **options)
+    return parser
+
+
+def help_text(flag: Flag) -> str:
+    """The help line of a flag: meaning, default, and status when not plainly implemented."""
+    text = flag.help
+    if not (flag.default is None or flag.default is False or flag.default == ""):
+        text += f" (default: {flag.default})"
+    if not flag.kohya:
+        text += " [lorakit]"
+    if flag.refused:
+        text = f"[not supported yet: {flag.refused}] {text}"
+    return text
+
+
+def parse_train_args(argv: Sequence[str]) -> TrainConfig:
+    """The validated TrainConfig of a training command line. `--output_config` writes the file and raises
+    SystemExit(0), like `--help`."""
+    given = command_line_values(argv)
+    _refuse_unsupported(given)
+    if given.get("output_config"):
+        if not given.get("config_file"):
+            raise LorakitError("--output_config needs --config_file naming the TOML to write")
+        written = write_config_file(given, given["config_file"])
+        print(f"wrote the arguments to {written}")
+        raise SystemExit(0)
+    from_file = read_config_file(given["config_file"]) if given.get("config_file") else {}
+    _refuse_unsupported(from_file)
+    values = {flag.name: flag.default for flag in iter_flags()} | from_file | given
+    config = normalise(TrainConfig(**values))
+    validate(config)
+    return config
+
+
+def command_line_values(argv: Sequence[str]) -> dict[str, Any]:
+    """The flags given on the command line, converted (tuples for list flags); absent flags are absent."""
+    namespace, extras = build_parser(suppress_defaults=True).parse_known_args(list(argv))
+    if extras:
+        raise LorakitError(_unrecognised(extras))
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in vars(namespace).items()}
+
+
+def _unrecognised(extras: list[str]) -> str:
+    options = [word.split("=", 1)[0] for word in extras if word.startswith("-")]
+    if not options:
+        return f"unexpected argument {extras[0]!r} (every value follows its --flag)"
+    known = [flag.option for flag in iter_flags()]
+    close = difflib.get_close_matches(options[0], known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unrecognized argument {options[0]}{hint}"
+
+
+def _refuse_unsupported(values: Mapping[str, Any]) -> None:
+    for flag in iter_flags():
+        if flag.refused and flag.name in values and values[flag.name] != flag.default:
+            raise LorakitError(flag.refusal())
+
+
+def config_file_path(path: str | Path) -> Path:
+    """sd-scripts appends .toml to a --config_file without it."""
+    text = str(path)
+    return Path(text if text.endswith(".toml") else text + ".toml")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The converted values of a `--config_file` TOML. Tables are flattened (their names are ignored, as in
+    sd-scripts); unknown keys are warned about by name and skipped."""
+    path = config_file_path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LorakitError(f"--config_file {path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise LorakitError(f"--config_file {path}: not valid TOML: {error}") from None
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    flags = {flag.name: flag for flag in iter_flags()}
+    values = {}
+    for key, value in flat.items():
+        if key in NOT_IN_FILES:
+            log.warning("config file %s: key %r is only read from the command line; ignored", path, key)
+        elif key not in flags:
+            close = difflib.get_close_matches(key, list(flags), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            log.warning("config file %s: unknown key %r ignored%s", path, key, hint)
+        else:
+            try:
+                values[key] = value_from_file(flags[key], value)
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                raise LorakitError(f"config file {path}: {key} = {value!r}: {error}") from None
+    return values
+
+
+def value_from_file(flag: Flag, value: Any) -> Any:
+    """A TOML value through the flag's command-line converter and choices. Raises ValueError saying what is
+    expected."""
+    if flag.is_switch:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if flag.many:
+        return tuple(_convert_word(flag, item) for item in (value if isinstance(value, list) else [value]))
+    if isinstance(value, list) and flag.to_file is not None:  # resolution = [1024, 768]
+        value = ",".join(str(item) for item in value)
+    return _convert_word(flag, value)
+
+
+_EXPECTED = {int: "expected an integer", float: "expected a number", str: "expected text"}
+
+
+def _convert_word(flag: Flag, value: Any) -> Any:
+    if isinstance(value, (bool, list, dict)):
+        raise ValueError(f"{_EXPECTED.get(flag.parse, 'expected one value')}, found {type(value).__name__}")
+    try:
+        converted = flag.parse(str(value))
+    except ValueError:
+        raise ValueError(_EXPECTED.get(flag.parse, "invalid value")) from None
+    if flag.choices and converted not in flag.choices:
+        raise ValueError("expected one of " + ", ".join(str(choice) for choice in flag.choices))
+    return converted
+
+
+def write_config_file(values: Mapping[str, Any], path: str | Path) -> Path:
+    """`--output_config`: the non-default values (minus secrets) as a TOML both lorakit and sd-scripts read.
+    Never overwrites."""
+    path = config_file_path(path)
+    if path.exists():
+        raise LorakitError(f"--output_config: {path} exists already; remove it or name another --config_file")
+    document = {flag.name: flag.file_value(values[flag.name]) for flag in iter_flags()
+                if flag.name in values and values[flag.name] != flag.default
+                and not flag.secret and flag.name not in NOT_IN_FILES}
+    with atomic_path(path) as temporary:
+        temporary.write_text(tomli_w.dumps(document), encoding="utf-8")
+    return path
+
+
+def normalise(config: TrainConfig) -> TrainConfig:
+    """sd-scripts' post-parse adjustments (aliases, implications, list forms) and the DESIGN.md decisions."""
+    changes: dict[str, Any] = {}
+    extension = config.caption_extention if config.caption_extention is not None else config.caption_extension
+    changes["caption_extension"] = extension if not extension or extension.startswith(".") else "." + extension
+
+    rates = config.text_encoder_lr or None  # a bare `--text_encoder_lr` gives ()
+    if rates and len(rates) > 2:
+        raise LorakitError(f"--text_encoder_lr {' '.join(map(str, rates))}: expected one rate (both text "
+                           "encoders) or two (TE1 TE2)")
+    changes["text_encoder_lr"] = rates
+    changes["text_encoder_lr1"] = config.text_encoder_lr1 if config.text_encoder_lr1 is not None else (
+        rates[0] if rates else None)
+    changes["text_encoder_lr2"] = config.text_encoder_lr2 if config.text_encoder_lr2 is not None else (
+        rates[-1] if rates else None)
+
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            changes[name] = None
+    changes["cache_latents"] = config.cache_latents or config.cache_latents_to_disk
+    cache_te = config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk
+    changes["cache_text_encoder_outputs"] = cache_te
+    changes["optimizer_type"] = _optimizer_type(config)
+
+    if cache_te and not config.network_train_unet_only and not config.network_train_text_encoder_only:
+        changes["network_train_unet_only"] = True
+        log.warning("training the U-Net only: --cache_text_encoder_outputs fixes the text-encoder outputs, so the "
+                    "text encoders get no LoRA and their learning rates are unused (add --network_train_unet_only "
+                    "to say so)")
+    if config.clip_skip is not None:
+        log.warning("--clip_skip %s does not change SDXL training (it always uses the penultimate layer); it is "
+                    "stored in the metadata and used for sample images only", config.clip_skip)
+    if config.zero_terminal_snr and not config.v_parameterization:
+        log.warning("--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict pure "
+                    "noise at the last timestep; results may be poor")
+    ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(config, name)]
+    if config.dataset_config and ignored:
+        log.warning("--dataset_config is given, so %s %s ignored", ", ".join(ignored),
+                    "is" if len(ignored) == 1 else "are")
+    return dataclasses.replace(config, **changes)
+
+
+def _optimizer_type(config: TrainConfig) -> str:
+    aliases = [name for name, on in (("AdamW8bit", config.use_8bit_adam), ("Lion", config.use_lion_optimizer))
+               if on]
+    if len(aliases) == 2:
+        raise LorakitError("--use_8bit_adam and --use_lion_optimizer contradict; give --optimizer_type instead")
+    if aliases and config.optimizer_type:
+        alias = "--use_8bit_adam" if config.use_8bit_adam else "--use_lion_optimizer"
+        raise LorakitError(f"{alias} and --optimizer_type {config.optimizer_type} contradict; keep one")
+    return aliases[0] if aliases else (config.optimizer_type or "AdamW")
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-flag rules of sd-scripts (as one-line errors instead of assertions) and lorakit's own."""
+    _check_inputs(config)
+    _check_ranges(config)
+    _check_precision(config)
+    _check_loss(config)
+    _check_caching(config)
+    _check_network_and_optimizer(config)
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    if not config.pretrained_model_name_or_path:
+        raise LorakitError("missing --pretrained_model_name_or_path (an SDXL .safetensors file or diffusers "
+                           "folder)")
+    if not (config.dataset_config or config.train_data_dir):
+        raise LorakitError("no dataset: give --dataset_config (a dataset TOML) or --train_data_dir")
+    if config.in_json and not config.dataset_config and not config.train_data_dir:
+        raise LorakitError("--in_json needs --train_data_dir, the folder of its images")
+    if config.train_data_dir and not config.dataset_config and config.resolution is None:
+        raise LorakitError("--train_data_dir needs --resolution (e.g. 1024 or 1024,768)")
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for name in POSITIVE:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise LorakitError(f"--{name} {value}: expected a positive integer")
+    for name in PROBABILITIES:
+        if not 0 <= getattr(config, name) <= 1:
+            raise LorakitError(f"--{name} {getattr(config, name)}: expected a probability from 0 to 1")
+    for name in FRACTIONS:
+        value = getattr(config, name)
+        if value is not None and not 0 <= value < 1:
+            raise LorakitError(f"--{name} {value}: expected a fraction from 0 to below 1")
+    if config.max_data_loader_n_workers < 0:
+        raise LorakitError(f"--max_data_loader_n_workers {config.max_data_loader_n_workers}: expected 0 or more")
+    if config.bucket_reso_steps % 32:
+        raise LorakitError(f"--bucket_reso_steps {config.bucket_reso_steps}: SDXL needs a multiple of 32")
+    if config.min_bucket_reso > config.max_bucket_reso:
+        raise LorakitError(f"--min_bucket_reso {config.min_bucket_reso} is larger than --max_bucket_reso "
+                           f"{config.max_bucket_reso}")
+    low = 0 if config.min_timestep is None else config.min_timestep
+    high = 1000 if config.max_timestep is None else config.max_timestep
+    if not 0 <= low < high <= 1000:
+        raise LorakitError(f"--min_timestep {low} / --max_timestep {high}: expected 0 <= min < max <= 1000")
+
+
+def _check_precision(config: TrainConfig) -> None:
+    if config.full_fp16 and config.mixed_precision != "fp16":
+        raise LorakitError(f"--full_fp16 needs --mixed_precision fp16, found {config.mixed_precision}")
+    if config.full_bf16 and config.mixed_precision != "bf16":
+        raise LorakitError(f"--full_bf16 needs --mixed_precision bf16, found {config.mixed_precision}")
+    for name in ("fp8_base", "fp8_base_unet"):
+        if getattr(config, name) and config.mixed_precision == "no":
+            raise LorakitError(f"--{name} computes in the mixed-precision dtype: add --mixed_precision bf16 or fp16")
+
+
+def _check_loss(config: TrainConfig) -> None:
+    if config.adaptive_noise_scale is not None and config.noise_offset is None:
+        raise LorakitError("--adaptive_noise_scale adds to the noise offset: it needs --noise_offset")
+    if config.scale_v_pred_loss_like_noise_pred and not config.v_parameterization:
+        raise LorakitError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
+    if config.v_pred_like_loss is not None and config.v_parameterization:
+        raise LorakitError("--v_pred_like_loss is for epsilon models: drop it or --v_parameterization")
+
+
+def _check_caching(config: TrainConfig) -> None:
+    if config.cache_text_encoder_outputs:
+        if config.network_train_text_encoder_only:
+            raise LorakitError("--cache_text_encoder_outputs freezes the text encoders, so "
+                               "--network_train_text_encoder_only has nothing to train")
+        for name in CAPTION_RANDOMISERS:
+            if getattr(config, name):
+                raise LorakitError(f"--{name} changes captions between steps, but --cache_text_encoder_outputs "
+                                   "encodes each caption once: drop one of them")
+    if config.cache_latents:
+        for name in ("color_aug", "random_crop"):
+            if getattr(config, name):
+                raise LorakitError(f"--{name} changes images between steps, but --cache_latents encodes each "
+                                   "image once: drop one of them")
+
+
+def _check_network_and_optimizer(config: TrainConfig) -> None:
+    if config.network_train_unet_only and config.network_train_text_encoder_only:
+        raise LorakitError("--network_train_unet_only and --network_train_text_encoder_only together leave "
+                           "nothing to train")
+    if config.dim_from_weights and not config.network_weights:
+        raise LorakitError("--dim_from_weights needs --network_weights to read the ranks from")
+    if config.base_weights_multiplier is not None and len(config.base_weights_multiplier) != len(
+            config.base_weights or ()):
+        raise LorakitError(f"--base_weights_multiplier has {len(config.base_weights_multiplier)} values for "
+                           f"{len(config.base_weights or ())} --base_weights files")
+    if config.fused_backward_pass and config.gradient_accumulation_steps > 1:
+        raise LorakitError(f"--fused_backward_pass steps each parameter as soon as its gradient is ready, so it "
+                           f"cannot accumulate over --gradient_accumulation_steps {config.gradient_accumulation_steps}")
+    fixed = config.lr_scheduler_type or (config.lr_scheduler if config.lr_scheduler in ("constant", "adafactor")
+                                         else None)
+    if fixed and config.lr_warmup_steps:
+        raise LorakitError(f"--lr_warmup_steps {config.lr_warmup_steps} is not used by {fixed}: use "
+                           "--lr_scheduler constant_with_warmup, or drop the warm-up")
+
+
+def config_to_metadata(config: TrainConfig) -> dict[str, str]:
+    """Every non-secret flag as sd-scripts writes it into `ss_*` metadata: `str()` of the value (lists for list
+    flags, `(W, H)` for the resolution, `None` when unset)."""
+    return {flag.name: str(list(value) if flag.many and value is not None else value)
+            for flag in iter_flags() if not flag.secret
+            for value in (getattr(config, flag.name),)}
