@@ -70,7 +70,7 @@ class SDXLComponents:
 
 @dataclass(frozen=True)
 class Network:
-    """One of SDXL's four networks: how it is built and where it sits in a single-file (SGM) checkpoint.
+    """One of SDXL's four networks: its class, its diffusers subfolder and its place in an SGM single file.
 
     `config(size)` and `config_from_sgm(shapes)` give what `build(config)` takes; `config_of(module)` recovers it
     from a built module; `to_diffusers` / `to_sgm` rename state dicts between the two layouts.
@@ -79,12 +79,24 @@ class Network:
     attribute: str
     subfolder: str
     prefix: str
-    build: Callable[[Any], torch.nn.Module]
+    model_class: type[torch.nn.Module]
     config: Callable[[str], Any]
     config_from_sgm: Callable[[Mapping[str, tuple[int, ...]]], Any]
-    config_of: Callable[[torch.nn.Module], Any]
     to_diffusers: Callable[[Mapping[str, torch.Tensor], Any], dict[str, torch.Tensor]]
     to_sgm: Callable[[Mapping[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+
+    @property
+    def is_diffusers(self) -> bool:
+        """diffusers models take their config as keyword arguments; transformers models take a config object."""
+        return self.model_class.__module__.startswith("diffusers.")
+
+    def build(self, config: Any) -> torch.nn.Module:
+        return self.model_class(**config) if self.is_diffusers else self.model_class(config)
+
+    def config_of(self, module: torch.nn.Module) -> Any:
+        if self.is_diffusers:
+            return {key: value for key, value in module.config.items() if not key.startswith("_")}
+        return module.config
 
 
 @functools.cache
@@ -95,18 +107,14 @@ def sdxl_networks() -> tuple[Network, ...]:
 
     from lorakit.models import text_encoders, unet, vae
 
-    def diffusers_config(module: torch.nn.Module) -> dict:
-        return {key: value for key, value in module.config.items() if not key.startswith("_")}
-
     return (
-        Network("unet", "unet", unet.SGM_PREFIX, lambda config: UNet2DConditionModel(**config), unet.unet_config,
-                unet.unet_config_from_sgm, diffusers_config, unet.unet_to_diffusers, unet.unet_to_sgm),
+        Network("unet", "unet", unet.SGM_PREFIX, UNet2DConditionModel, unet.unet_config, unet.unet_config_from_sgm,
+                unet.unet_to_diffusers, unet.unet_to_sgm),
         Network("text_encoder1", "text_encoder", text_encoders.TE1_PREFIX, CLIPTextModel, text_encoders.te1_config,
-                text_encoders.te1_config_from_sgm, lambda module: module.config, text_encoders.te1_to_diffusers,
-                text_encoders.te1_to_sgm),
+                text_encoders.te1_config_from_sgm, text_encoders.te1_to_diffusers, text_encoders.te1_to_sgm),
         Network("text_encoder2", "text_encoder_2", text_encoders.TE2_PREFIX, CLIPTextModelWithProjection,
-                text_encoders.te2_config, text_encoders.te2_config_from_sgm, lambda module: module.config,
-                text_encoders.te2_to_diffusers, text_encoders.te2_to_sgm),
-        Network("vae", "vae", vae.SGM_PREFIX, lambda config: AutoencoderKL(**config), vae.vae_config,
-                vae.vae_config_from_sgm, diffusers_config, vae.vae_to_diffusers, vae.vae_to_sgm),
+                text_encoders.te2_config, text_encoders.te2_config_from_sgm, text_encoders.te2_to_diffusers,
+                text_encoders.te2_to_sgm),
+        Network("vae", "vae", vae.SGM_PREFIX, AutoencoderKL, vae.vae_config, vae.vae_config_from_sgm,
+                vae.vae_to_diffusers, vae.vae_to_sgm),
     )

@@ -1,0 +1,223 @@
+"""SDXL-architecture models with seeded random weights, written as real checkpoints.
+
+Tests, the demo and the benchmarks use these instead of downloading SDXL: `tiny` loads and runs in well under a
+second, `full` is the real SDXL base configuration. A single-file checkpoint is written in the original SGM layout
+component by component, so a full-size file needs the memory of one network, not four.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+from accelerate import init_empty_weights
+
+from lorakit.fileio import atomic_path
+from lorakit.models.components import ModelIdentity, Network, SDXLComponents, sdxl_networks
+from lorakit.models.tokenizers import load_tokenizers
+
+Size = Literal["tiny", "full"]
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+# The scheduler of stabilityai/stable-diffusion-xl-base-1.0 (reference §4.2 trains on its DDPM betas).
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+
+
+# ---------------------------------------------------------------- random weights
+
+
+def random_tensor(shape: Sequence[int], name: str, seed: int) -> torch.Tensor:
+    """A deterministic fp32 tensor for parameter `name`: independent of creation order and of other parameters.
+
+    Matrices and kernels get std 1/sqrt(fan_in) (activations keep their scale), norm scales 1 + N(0, 0.02),
+    biases N(0, 0.02).
+    """
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+    noise = torch.randn(tuple(shape), generator=generator)
+    if len(shape) >= 2:
+        return noise.mul_(1 / math.sqrt(math.prod(shape[1:])))
+    if name.endswith("weight"):
+        return noise.mul_(0.02).add_(1)
+    return noise.mul_(0.02)
+
+
+def random_network(network: Network, config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    """Build `network` without initialising it, then fill every parameter from `random_tensor`, one at a time."""
+    with init_empty_weights(include_buffers=False):
+        module = network.build(config)
+    parameters = dict(module.named_parameters())
+    state = {name: random_tensor(p.shape, f"{network.attribute}.{name}", seed).to(dtype)
+             for name, p in parameters.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    return module.eval()
+
+
+def random_components(size: Size = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> SDXLComponents:
+    """All four networks with random weights, plus the offline tokenizers."""
+    modules = {network.attribute: random_network(network, network.config(size), seed, dtype)
+               for network in sdxl_networks()}
+    tokenizer1, tokenizer2 = load_tokenizers()
+    return SDXLComponents(**modules, tokenizer1=tokenizer1, tokenizer2=tokenizer2,
+                          identity=ModelIdentity(name=f"random-sdxl-{size}-seed{seed}", path=None))
+
+
+# ---------------------------------------------------------------- single-file (SGM) checkpoints
+
+
+@dataclass(frozen=True)
+class SGMPart:
+    """One network's tensors in a single-file checkpoint.
+
+    `header()` may return meta tensors: only names, shapes and dtypes are read. `tensors()` is called once, when
+    the part is written, and must give the same names and shapes; its result is dropped right after.
+    """
+
+    prefix: str
+    header: Callable[[], Mapping[str, torch.Tensor]]
+    tensors: Callable[[], Mapping[str, torch.Tensor]]
+
+
+def write_safetensors_stream(parts: Sequence[SGMPart], path: str | os.PathLike, dtype: torch.dtype | None = None,
+                             metadata: Mapping[str, str] | None = None) -> None:
+    """Write a .safetensors file part by part: the header is built from shapes, then each part streams its bytes.
+
+    safetensors' own `save_file` needs every tensor in memory at once; this needs one part. Floating tensors are
+    cast to `dtype` when given.
+    """
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    part_keys: list[list[str]] = []
+    for part in parts:
+        shapes = part.header()
+        part_keys.append(list(shapes))
+        entries += [(part.prefix + key, _stored_dtype(t.dtype, dtype), tuple(t.shape)) for key, t in shapes.items()]
+    header = _safetensors_header(entries, metadata)
+    with atomic_path(path) as temporary, open(temporary, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for part, keys in zip(parts, part_keys):
+            tensors = part.tensors()
+            if list(tensors) != keys:
+                raise ValueError(f"part {part.prefix!r} produced other tensors than its header announced")
+            for key in keys:
+                f.write(_raw_bytes(tensors[key], dtype))
+            del tensors
+
+
+def _stored_dtype(tensor_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and tensor_dtype.is_floating_point else tensor_dtype
+
+
+def _safetensors_header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                        metadata: Mapping[str, str] | None) -> bytes:
+    """JSON header with data offsets in entry order, space-padded to 8 bytes as safetensors itself does."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return encoded + b" " * (-len(encoded) % 8)
+
+
+def _raw_bytes(tensor: torch.Tensor, dtype: torch.dtype | None) -> memoryview:
+    tensor = tensor.detach().to("cpu", _stored_dtype(tensor.dtype, dtype)).contiguous()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _sgm_state(network: Network, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return network.to_sgm(module.state_dict(), network.config_of(module))
+
+
+def write_single_file(components: SDXLComponents, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write loaded components as one SGM single-file checkpoint (the layout of sd_xl_base_1.0.safetensors)."""
+    parts = []
+    for network in sdxl_networks():
+        module = getattr(components, network.attribute)
+        produce = lambda network=network, module=module: _sgm_state(network, module)  # noqa: E731
+        parts.append(SGMPart(network.prefix, produce, produce))
+    write_safetensors_stream(parts, path, dtype)
+
+
+def write_random_single_file(path: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype) -> None:
+    """Like `write_single_file(random_components(...))`, but each network exists only while it is written."""
+    parts = []
+    for network in sdxl_networks():
+        config = network.config(size)
+
+        def header(network=network, config=config):
+            with init_empty_weights(include_buffers=True):
+                return network.to_sgm(network.build(config).state_dict(), config)
+
+        def tensors(network=network, config=config):
+            return network.to_sgm(random_network(network, config, seed, dtype).state_dict(), config)
+
+        parts.append(SGMPart(network.prefix, header, tensors))
+    write_safetensors_stream(parts, path, dtype)
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+
+def write_diffusers(components: SDXLComponents, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write a diffusers folder that `StableDiffusionXLPipeline.from_pretrained(folder)` loads offline."""
+    def cast(module: torch.nn.Module) -> torch.nn.Module:
+        return module if dtype is None else copy.deepcopy(module).to(dtype)
+
+    modules = ((network.subfolder, lambda m=getattr(components, network.attribute): cast(m))
+               for network in sdxl_networks())
+    _write_diffusers_folder(folder, modules, components.tokenizer1, components.tokenizer2)
+
+
+def write_random_diffusers(folder: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype) -> None:
+    """Like `write_diffusers(random_components(...))`, one network in memory at a time."""
+    modules = ((network.subfolder, lambda n=network: random_network(n, n.config(size), seed, dtype))
+               for network in sdxl_networks())
+    _write_diffusers_folder(folder, modules, *load_tokenizers())
+
+
+def _write_diffusers_folder(folder: str | os.PathLike, modules: Iterable[tuple[str, Callable[[], torch.nn.Module]]],
+                            tokenizer1, tokenizer2) -> None:
+    from diffusers import EulerDiscreteScheduler, __version__
+
+    with atomic_path(folder) as temporary:
+        temporary.mkdir()
+        for subfolder, produce in modules:
+            produce().save_pretrained(temporary / subfolder, safe_serialization=True)
+        tokenizer1.save_pretrained(temporary / "tokenizer")
+        tokenizer2.save_pretrained(temporary / "tokenizer_2")
+        EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(temporary / "scheduler")
+        (temporary / "model_index.json").write_text(json.dumps(_model_index(__version__), indent=2) + "\n")
+
+
+def _model_index(diffusers_version: str) -> dict:
+    return {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers_version,
+        "force_zeros_for_empty_prompt": True,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
