@@ -1,0 +1,250 @@
+"""Load SDXL from what users have: an SGM single file (.safetensors, .ckpt), a diffusers folder or a hub id.
+
+A single file is read tensor by tensor straight into the target dtype; every network is built on the meta device
+first and takes the converted tensors as its parameters, so the model never exists twice (nor in fp32 first). The
+architecture comes from the tensor shapes, so tiny test models and the real SDXL load alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from accelerate import init_empty_weights
+
+from lorakit.errors import LorakitError
+from lorakit.models.components import ModelIdentity, Network, SDXLComponents, sdxl_networks
+from lorakit.models.detect import VAE_PREFIX, checkpoint_kind, require_sdxl, vae_prefix
+from lorakit.models.tokenizers import load_tokenizers
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+Reader = Callable[[str, torch.dtype], torch.Tensor]
+
+
+def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> SDXLComponents:
+    """Load SDXL base (U-Net, VAE, both text encoders) in `dtype`, with offline tokenizers.
+
+    `path`: an SGM single-file checkpoint, a diffusers folder (with model_index.json) or a hub id (`org/name`, from
+    the hub or its local cache). `vae`: a replacement VAE — a diffusers folder, a VAE-only single file, or a full
+    checkpoint whose VAE is taken.
+    """
+    source = os.fspath(path)
+    networks = [n for n in sdxl_networks() if vae is None or n.attribute != "vae"]
+    if os.path.isdir(source):
+        modules = _load_diffusers(source, networks, dtype, local_only=True)
+    elif os.path.isfile(source):
+        modules = _load_single_file(source, networks, dtype)
+    elif _is_hub_id(source):
+        modules = _load_diffusers(source, networks, dtype, local_only=False)
+    else:
+        raise LorakitError(f"{source}: no such file or folder; expected an SDXL checkpoint (.safetensors or .ckpt), "
+                           "a diffusers folder or a hub id like stabilityai/stable-diffusion-xl-base-1.0")
+    vae_identity = None
+    if vae is not None:
+        modules["vae"] = load_vae(vae, dtype)
+        vae_identity = ModelIdentity.of(vae)
+    tokenizer1, tokenizer2 = load_tokenizers()
+    return SDXLComponents(**{name: module.to(device).eval() for name, module in modules.items()},
+                          tokenizer1=tokenizer1, tokenizer2=tokenizer2,
+                          identity=ModelIdentity.of(source), vae_identity=vae_identity)
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An `AutoencoderKL` from a diffusers folder (a VAE's or a pipeline's), a VAE-only file or a full checkpoint."""
+    source = os.fspath(path)
+    network = next(n for n in sdxl_networks() if n.attribute == "vae")
+    if os.path.isdir(source):
+        subfolder = network.subfolder if os.path.isfile(os.path.join(source, "model_index.json")) else None
+        return _from_pretrained(network, source, subfolder, dtype, local_only=True)
+    if not os.path.isfile(source):
+        raise LorakitError(f"--vae {source}: no such file or folder; expected a VAE .safetensors file or a diffusers "
+                           "VAE folder")
+    with CheckpointFile(source) as (shapes, read):
+        prefix = vae_prefix(shapes)
+        if prefix is None and any(key.startswith(VAE_PREFIX) for key in shapes):
+            prefix = VAE_PREFIX
+        if prefix is None:
+            kind = checkpoint_kind(shapes)
+            raise LorakitError(f"--vae {source} holds no VAE: it looks like {kind.name} ({kind.evidence}); expected "
+                               f"encoder.*/decoder.* keys, with or without {VAE_PREFIX}")
+        return _build(network, shapes, read, prefix, dtype, source)
+
+
+# ---------------------------------------------------------------- single files
+
+
+def _load_single_file(source: str, networks: Iterable[Network], dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    with CheckpointFile(source) as (shapes, read):
+        require_sdxl(shapes, source)
+        modules = {}
+        for network in networks:
+            if not any(key.startswith(network.prefix) for key in shapes):
+                raise LorakitError(f"{source} has no {network.prefix}* tensors ({network.attribute}); "
+                                   + ("pass a VAE with --vae" if network.attribute == "vae" else "the file is incomplete"))
+            modules[network.attribute] = _build(network, shapes, read, network.prefix, dtype, source)
+        return modules
+
+
+def _build(network: Network, shapes: Mapping[str, tuple[int, ...]], read: Reader, prefix: str, dtype: torch.dtype,
+           source: str) -> torch.nn.Module:
+    """Build `network` on the meta device and give it the converted tensors under `prefix` as its parameters."""
+    own_shapes = {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
+    config = network.config_from_sgm(own_shapes)
+    with init_empty_weights(include_buffers=False):  # buffers (CLIP's position ids) are small and not stored
+        module = network.build(config)
+    state = network.to_diffusers(LazyTensors(read, own_shapes, prefix, dtype), config)
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise LorakitError(f"{source}: {network.attribute} does not match its inferred architecture: "
+                           f"{len(missing)} missing tensor(s) (e.g. {', '.join(missing[:3]) or '-'}), "
+                           f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'})")
+    return module
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """The tensors under `prefix`, keyed without it; each is read from the file and cast only when asked for."""
+
+    def __init__(self, read: Reader, shapes: Mapping[str, tuple[int, ...]], prefix: str, dtype: torch.dtype):
+        self._read, self._keys, self._prefix, self._dtype = read, list(shapes), prefix, dtype
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._read(self._prefix + key, self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+
+class CheckpointFile:
+    """An open single file: entering yields (shape of every tensor, reader); leaving releases the file mapping."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __enter__(self) -> tuple[dict[str, tuple[int, ...]], Reader]:
+        if self.source.lower().endswith(PICKLE_SUFFIXES):
+            self._state = _torch_load(self.source)
+            shapes = {key: tuple(tensor.shape) for key, tensor in self._state.items()}
+            return shapes, lambda key, dtype: _cast(self._state[key], dtype, copy=True)
+        self._file = _safe_open(self.source)
+        try:
+            shapes = {key: tuple(self._file.get_slice(key).get_shape()) for key in self._file.keys()}
+        except Exception as error:
+            self._file.__exit__(None, None, None)
+            raise LorakitError(f"{self.source}: unreadable .safetensors header ({_first_line(error)})") from error
+        return shapes, self._read_safetensors
+
+    def _read_safetensors(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            tensor = self._file.get_tensor(key)
+        except Exception as error:
+            raise LorakitError(f"{self.source}: cannot read tensor {key} ({_first_line(error)}); "
+                               "the file may be truncated") from error
+        return _cast(tensor, dtype, copy=False)
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "_file"):
+            self._file.__exit__(*exc)
+            del self._file
+        self.__dict__.pop("_state", None)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, copy: bool) -> torch.Tensor:
+    """Floating tensors to `dtype`; `copy` when the source memory belongs to a mapping that will be closed."""
+    return tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=copy)
+
+
+def _safe_open(source: str):
+    from safetensors import SafetensorError, safe_open
+
+    size = os.path.getsize(source)
+    try:
+        # pread, not mmap: every mapped page that is read counts in RSS until the mapping closes (peak RSS twice the
+        # model when converting fp16 -> bf16), and tensors read through mmap keep the file mapped after loading.
+        handle = safe_open(source, framework="pt", device="cpu", backend="pread")
+        handle.__enter__()
+    except SafetensorError as error:
+        raise LorakitError(f"{source}: not a complete .safetensors file ({_first_line(error)}, {size} bytes); "
+                           "is it truncated or still downloading?") from error
+    return handle
+
+
+def _torch_load(source: str) -> dict[str, torch.Tensor]:
+    """`torch.load` with weights_only=True (never arbitrary pickles), memory-mapped when the format allows."""
+    try:
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # the pre-1.6 (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise LorakitError(f"{source} holds pickled objects other than tensors; refusing to unpickle it "
+                           "(convert it to .safetensors)") from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise LorakitError(f"{source}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise LorakitError(f"{source} holds a {type(loaded).__name__}; expected a dict of tensors (a state dict)")
+    return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+# ---------------------------------------------------------------- diffusers folders and hub ids
+
+
+def _load_diffusers(source: str, networks: Iterable[Network], dtype: torch.dtype,
+                    local_only: bool) -> dict[str, torch.nn.Module]:
+    if local_only:
+        _check_diffusers_folder(source)
+    return {n.attribute: _from_pretrained(n, source, n.subfolder, dtype, local_only) for n in networks}
+
+
+def _check_diffusers_folder(folder: str) -> None:
+    index_path = Path(folder, "model_index.json")
+    if not index_path.is_file():
+        raise LorakitError(f"{folder} is a folder without model_index.json; expected a diffusers SDXL folder "
+                           "(model_index.json, unet/, vae/, text_encoder/, text_encoder_2/) or a checkpoint file")
+    index = json.loads(index_path.read_text())
+    pipeline = index.get("_class_name", "?")
+    if "text_encoder_2" not in index:
+        raise LorakitError(f"{folder} does not look like an SDXL model: its model_index.json names {pipeline} "
+                           "without text_encoder_2")
+
+
+def _from_pretrained(network: Network, source: str, subfolder: str | None, dtype: torch.dtype,
+                     local_only: bool) -> torch.nn.Module:
+    dtype_argument = "torch_dtype" if network.is_diffusers else "dtype"
+    where = f"{source}/{subfolder}" if subfolder else source
+    try:
+        return network.model_class.from_pretrained(source, subfolder=subfolder, local_files_only=local_only,
+                                                    **{dtype_argument: dtype})
+    except (OSError, ValueError, RuntimeError) as error:
+        hint = "" if local_only else " (not in the local Hugging Face cache and the hub is unreachable?)"
+        raise LorakitError(f"cannot load {network.model_class.__name__} from {where}{hint}: "
+                           f"{_first_line(error)}") from error
+
+
+def _is_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.fullmatch(source)) and not source.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
