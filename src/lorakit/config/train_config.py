@@ -250,7 +250,7 @@ class TrainConfig:
     huggingface_repo_id: str | None = SAVING.flag(None, str, "Hub repository to upload to", refused=NO_HUB)
     huggingface_repo_type: str | None = SAVING.flag(None, str, "Hub repository type", refused=NO_HUB)
     huggingface_path_in_repo: str | None = SAVING.flag(None, str, "path in the Hub repository", refused=NO_HUB)
-    huggingface_token: str | None = SAVING.flag(None, str, "Hub token", refused=NO_HUB, secret=True)
+    huggingface_token: str | None = SAVING.flag(None, str, "Hugging Face Hub access token", refused=NO_HUB, secret=True)
     huggingface_repo_visibility: str | None = SAVING.flag(None, str, "Hub repository visibility", refused=NO_HUB)
     save_state_to_huggingface: bool = SAVING.switch("upload states to the Hub", refused=NO_HUB)
     resume_from_huggingface: bool = SAVING.switch("resume from a Hub state", refused=NO_HUB)
