@@ -5,6 +5,8 @@ diffusers' own timestep embedding / `UNet2DConditionModel` SDXL conditioning."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,9 @@ def _openclip_layout(seed: int, projection: bool) -> dict[str, torch.Tensor]:
     return sgm
 
 
-def _openclip_forward(sgm: dict[str, torch.Tensor], tokens: torch.Tensor, act) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _openclip_forward(
+    sgm: dict[str, torch.Tensor], tokens: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """OpenCLIP's TextTransformer: every residual stream state, and the ln_final state at tokens.argmax()."""
     x = F.embedding(tokens, sgm["token_embedding.weight"]) + sgm["positional_embedding"]
     mask = torch.full((tokens.shape[1],) * 2, float("-inf")).triu(1)
@@ -59,9 +63,8 @@ def _openclip_forward(sgm: dict[str, torch.Tensor], tokens: torch.Tensor, act) -
         )
         x = x + attention.transpose(0, 1)
         h = F.layer_norm(x, (WIDTH,), sgm[f"{p}ln_2.weight"], sgm[f"{p}ln_2.bias"])
-        h = F.linear(act(F.linear(h, sgm[f"{p}mlp.c_fc.weight"], sgm[f"{p}mlp.c_fc.bias"])), sgm[f"{p}mlp.c_proj.weight"],
-                     sgm[f"{p}mlp.c_proj.bias"])
-        x = x + h
+        h = act(F.linear(h, sgm[f"{p}mlp.c_fc.weight"], sgm[f"{p}mlp.c_fc.bias"]))
+        x = x + F.linear(h, sgm[f"{p}mlp.c_proj.weight"], sgm[f"{p}mlp.c_proj.bias"])
         states.append(x)
     final = F.layer_norm(x, (WIDTH,), sgm["ln_final.weight"], sgm["ln_final.bias"])
     return states, final[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)]
@@ -186,17 +189,21 @@ def test_encoding_matches_openclip_math(encoders: dict) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize(("max_token_length", "length"), [(None, 77), (150, 152), (225, 227)])
-def test_encoded_sequence_lengths_and_chunk_reassembly(encoders: dict, max_token_length: int | None, length: int) -> None:
+def test_encoded_sequence_lengths_and_chunk_reassembly(
+    encoders: dict, max_token_length: int | None, length: int
+) -> None:
     tokenizer1, tokenizer2 = load_tokenizers()
     captions = [" ".join(["cat", "dog", "sofa"] * 60), "a photo of a cat"]
-    tokens1, tokens2 = tokenize(tokenizer1, captions, max_token_length), tokenize(tokenizer2, captions, max_token_length)
+    tokens1 = tokenize(tokenizer1, captions, max_token_length)
+    tokens2 = tokenize(tokenizer2, captions, max_token_length)
     context, pooled = encode_tokens(encoders["te1"], encoders["te2"], tokens1, tokens2)
     assert context.shape == (2, length, 128) and pooled.shape == (2, 64)
 
     chunks = tokens2.shape[1]
     states2, final2 = _openclip_forward(encoders["sgm2"], tokens2.reshape(-1, 77), F.gelu)
     per_chunk = states2[-2].reshape(2, chunks, 77, 64)
-    expected = torch.cat([per_chunk[:, 0, :1], *(per_chunk[:, c, 1:76] for c in range(chunks)), per_chunk[:, -1, -1:]], 1)
+    middles = [per_chunk[:, c, 1:76] for c in range(chunks)]
+    expected = torch.cat([per_chunk[:, 0, :1], *middles, per_chunk[:, -1, -1:]], dim=1)
     torch.testing.assert_close(context[..., 64:], expected, rtol=1e-5, atol=1e-5)
     # Pooled comes from the first chunk of each caption.
     first_chunk_pooled = (final2 @ encoders["sgm2"]["text_projection"]).reshape(2, chunks, 64)[:, 0]
