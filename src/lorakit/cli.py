@@ -12,6 +12,7 @@ from lorakit.errors import LorakitError
 # Modules are imported only for the command that runs, so `lorakit --help` stays fast.
 SUBCOMMANDS = {
     "random-model": ("lorakit.testing.cli", "write a random-weight SDXL-architecture model (tiny or full)"),
+    "inspect": ("lorakit.network.inspect", "summarise a LoRA file (modules, ranks, alphas, metadata) or a checkpoint"),
 }
 
 

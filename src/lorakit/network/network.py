@@ -85,7 +85,7 @@ class LoRANetwork(nn.Module):
             blocks: dict[int, list[LoRAModule]] = {}
             for lora in loras:
                 blocks.setdefault(block_index(lora.lora_name), []).append(lora)
-            for block, block_loras in blocks.items():
+            for block, block_loras in sorted(blocks.items()):
                 block_lr = None if lr is None else lr * weights[block]
                 groups += _lora_groups(f"unet_block{block}", block_loras, block_lr, self.args.loraplus_ratio(part))
         kept = {id(p) for group in groups for p in group["params"]}

@@ -1,0 +1,114 @@
+"""Using existing LoRA files: apply for inference, merge into the base (--base_weights), shape a network from a
+file (--dim_from_weights). Files may use SGM names or diffusers-style U-Net names (`lora_unet_down_blocks_…`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import LorakitError
+from lorakit.network.io import file_ranks, read_lora
+from lorakit.network.network import LoRANetwork, build_network
+from lorakit.network.targets import diffusers_to_sgm_names
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY = "_lorakit_applied_loras"  # attribute on the U-Net (or first model): resolved path -> network
+
+
+def to_sgm_names(state: Mapping[str, Tensor], unet: nn.Module) -> dict[str, Tensor]:
+    """Rename diffusers-style `lora_unet_*` module names to sd-scripts' SGM names; other keys pass unchanged."""
+    names = diffusers_to_sgm_names(unet)
+    converted = {}
+    for key, value in state.items():
+        name, dot, rest = key.partition(".")
+        converted[names.get(name, name) + dot + rest] = value
+    return converted
+
+
+def sdxl_models(target: Any) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
+    """(unet, text_encoder1, text_encoder2) of SDXLComponents, a diffusers SDXL pipeline, or a dict of those."""
+    def get(*names: str) -> nn.Module | None:
+        for name in names:
+            value = target.get(name) if isinstance(target, Mapping) else getattr(target, name, None)
+            if value is not None:
+                return value
+        return None
+
+    models = (get("unet"), get("text_encoder1", "text_encoder"), get("text_encoder2", "text_encoder_2"))
+    if all(model is None for model in models):
+        raise TypeError(f"expected SDXL components (unet, text_encoder1, text_encoder2), got {type(target).__name__}")
+    return models
+
+
+def network_from_file(unet: nn.Module | None, text_encoders: Sequence[nn.Module], state: Mapping[str, Tensor],
+                      path: str | os.PathLike, **kwargs) -> LoRANetwork:
+    """--dim_from_weights: modules exactly where the file has them, with its ranks and alphas (weights not loaded).
+
+    `kwargs` go to `build_network` (dropout, network_args for block LR weights, train_unet, ...).
+    """
+    ranks = file_ranks(state)
+    network = build_network(unet, [m for m in text_encoders if m is not None], ranks=ranks, **kwargs)
+    if not network.loras and ranks:
+        raise LorakitError(f"{path}: none of its {len(ranks)} LoRA modules matches an SDXL layer (first "
+                           f"{next(iter(ranks))!r}); is it a LoRA for another architecture?")
+    unused = set(ranks) - {lora.lora_name for lora in network.loras}
+    if unused:
+        logger.warning("%s: %d LoRA modules match no layer of these models, e.g. %s", path, len(unused), min(unused))
+    return network
+
+
+def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float) -> LoRANetwork:
+    unet, te1, te2 = sdxl_models(target)
+    state, _ = read_lora(path)
+    if unet is not None:
+        state = to_sgm_names(state, unet)
+    network = network_from_file(unet, [te1, te2], state, path, multiplier=multiplier)
+    network.load_state_dict({k: v for k, v in state.items() if k in network.state_dict()}, strict=False)
+    reference = next((m for m in (unet, te1, te2) if m is not None))
+    parameter = next(reference.parameters())
+    network.to(parameter.device)
+    network.requires_grad_(False)
+    network.eval()
+    return network
+
+
+def apply_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> LoRANetwork:
+    """Apply an sd-scripts-format LoRA file to SDXL models for inference (hooks; base weights untouched).
+
+    Applying the same file again replaces the earlier application (e.g. with a new multiplier); different files
+    stack. Returns the network: `set_multiplier` changes its strength, `detach()` removes it.
+    """
+    anchor = next(m for m in sdxl_models(target) if m is not None)
+    applied: dict[str, LoRANetwork] = anchor.__dict__.setdefault(_REGISTRY, {})
+    key = str(Path(path).resolve())
+    if key in applied:
+        applied.pop(key).detach()
+    network = _loaded_network(target, path, multiplier)
+    network.attach()
+    applied[key] = network
+    return network
+
+
+def remove_lora(target: Any, path: str | os.PathLike | None = None) -> None:
+    """Remove one applied LoRA file (or all when `path` is None)."""
+    anchor = next(m for m in sdxl_models(target) if m is not None)
+    applied: dict[str, LoRANetwork] = anchor.__dict__.setdefault(_REGISTRY, {})
+    keys = list(applied) if path is None else [str(Path(path).resolve())]
+    for key in keys:
+        if key in applied:
+            applied.pop(key).detach()
+
+
+@torch.no_grad()
+def merge_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> int:
+    """--base_weights: add a LoRA file into the base weights (W += m · up·down · alpha/rank); returns module count."""
+    network = _loaded_network(target, path, multiplier)
+    network.merge()
+    logger.info("%s merged into the base model at multiplier %g (%d modules)", path, multiplier, len(network.loras))
+    return len(network.loras)

@@ -1,0 +1,214 @@
+"""LoRA files: saving with sd-scripts' metadata and hashes, reading, and loading into a network (reference §5.6–5.7, §6.3–6.4).
+
+Metadata hand-over: the trainer builds the `ss_*` values of §6.3 once per run (`TRAINER_METADATA_KEYS`; values are
+`str()` of Python values, `None` as "None") and updates `ss_steps`, `ss_epoch`, `ss_training_finished_at` per save;
+`build_modelspec(...)` gives the `modelspec.*` keys; `save_lora` adds `sshs_model_hash` and `sshs_legacy_hash`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from lorakit import __version__
+from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_path
+from lorakit.hashing import sshs_legacy_hash, sshs_model_hash
+
+logger = logging.getLogger(__name__)
+
+# The ss_* keys sd-scripts writes for an SDXL LoRA (§6.3) that the trainer fills in. Dataset keys depend on the
+# dataset source: with --dataset_config `ss_datasets`, `ss_tag_frequency`, `ss_dataset_dirs`; without it
+# `DATASET_CLI_METADATA_KEYS`. `ss_network_args` only when --network_args was given; `ss_sd_model_hash`,
+# `ss_new_sd_model_hash` (and the `ss_vae_*` keys with --vae) only when the file exists locally.
+TRAINER_METADATA_KEYS = (
+    "ss_session_id", "ss_training_started_at", "ss_output_name", "ss_learning_rate", "ss_unet_lr",
+    "ss_text_encoder_lr", "ss_num_train_images", "ss_num_validation_images", "ss_num_reg_images",
+    "ss_num_batches_per_epoch", "ss_num_epochs", "ss_gradient_checkpointing", "ss_gradient_accumulation_steps",
+    "ss_max_train_steps", "ss_lr_warmup_steps", "ss_lr_scheduler", "ss_network_module", "ss_network_dim",
+    "ss_network_alpha", "ss_network_dropout", "ss_mixed_precision", "ss_full_fp16", "ss_v2",
+    "ss_base_model_version", "ss_clip_skip", "ss_max_token_length", "ss_cache_latents", "ss_seed", "ss_lowram",
+    "ss_noise_offset", "ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_adaptive_noise_scale",
+    "ss_zero_terminal_snr", "ss_training_comment", "ss_sd_scripts_commit_hash", "ss_optimizer", "ss_max_grad_norm",
+    "ss_caption_dropout_rate", "ss_caption_dropout_every_n_epochs", "ss_caption_tag_dropout_rate",
+    "ss_face_crop_aug_range", "ss_prior_loss_weight", "ss_min_snr_gamma", "ss_scale_weight_norms",
+    "ss_ip_noise_gamma", "ss_debiased_estimation", "ss_noise_offset_random_strength",
+    "ss_ip_noise_gamma_random_strength", "ss_loss_type", "ss_huber_schedule", "ss_huber_scale", "ss_huber_c",
+    "ss_fp8_base", "ss_fp8_base_unet", "ss_validation_seed", "ss_validation_split", "ss_max_validation_steps",
+    "ss_validate_every_n_epochs", "ss_validate_every_n_steps", "ss_resize_interpolation", "ss_sd_model_name",
+    "ss_training_finished_at", "ss_steps", "ss_epoch",
+)
+DATASET_CONFIG_METADATA_KEYS = ("ss_datasets", "ss_tag_frequency", "ss_dataset_dirs")
+DATASET_CLI_METADATA_KEYS = (
+    "ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
+    "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
+    "ss_max_bucket_reso", "ss_keep_tokens", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency",
+    "ss_bucket_info",
+)
+# What --no_metadata keeps of the trainer's keys (modelspec and sshs_* are always written).
+MINIMAL_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                         "ss_network_alpha", "ss_network_args")
+
+MODELSPEC_VERSION = "1.0.1"
+SDXL_LORA_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+
+
+def build_modelspec(
+    *,
+    title: str | None,
+    timestamp: float,
+    resolution: tuple[int, int] | None = None,
+    v_parameterization: bool = False,
+    timestep_range: tuple[int | None, int | None] | None = None,
+    clip_skip: int | None = None,
+    author: str | None = None,
+    description: str | None = None,
+    license: str | None = None,
+    tags: str | None = None,
+    merged_from: str | None = None,
+    usage_hint: str | None = None,
+    thumbnail: str | None = None,
+    trigger_phrase: str | None = None,
+    preprocessor: str | None = None,
+    is_negative_embedding: str | None = None,
+) -> dict[str, str]:
+    """The `modelspec.*` keys sd-scripts writes for an SDXL LoRA (§6.3), from `--metadata_*` and run values.
+
+    `title`: --metadata_title or --output_name (None gives `LoRA@<date>`); `resolution`: (width, height) of
+    --resolution (None gives 1024x1024); `timestamp`: the save time (unix seconds).
+    """
+    date = datetime.datetime.fromtimestamp(timestamp).replace(microsecond=0).isoformat()
+    width, height = resolution or (1024, 1024)
+    spec = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": SDXL_LORA_ARCHITECTURE,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.implementation_version": f"lorakit/{__version__}",
+        "modelspec.title": title or f"LoRA@{date}",
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": date,
+        "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
+    }
+    if timestep_range is not None and any(t is not None for t in timestep_range):
+        low, high = timestep_range
+        spec["modelspec.timestep_range"] = f"{0 if low is None else low},{1000 if high is None else high}"
+    if clip_skip is not None:
+        spec["modelspec.encoder_layer"] = str(clip_skip)
+    optional = {"author": author, "description": description, "license": license, "tags": tags,
+                "merged_from": merged_from, "usage_hint": usage_hint, "thumbnail": thumbnail,
+                "trigger_phrase": trigger_phrase, "preprocessor": preprocessor,
+                "is_negative_embedding": is_negative_embedding}
+    spec.update({f"modelspec.{key}": value for key, value in optional.items() if value is not None})
+    return spec
+
+
+def network_state_dict(network: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The tensors to save: detached CPU copies, cast to `dtype` (the alphas too) when given."""
+    return {key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous()
+            for key, value in network.state_dict().items()}
+
+
+def save_lora(state: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a LoRA file atomically: `.safetensors` with metadata and sshs_* hashes, else a torch tensor dict."""
+    path = Path(path)
+    state = dict(state)
+    with atomic_path(path) as temporary:
+        if path.suffix == ".safetensors":
+            metadata = {key: str(value) for key, value in (metadata or {}).items()}
+            # The hashes cover a serialisation with only the ss_* (training) metadata, as sd-scripts computes
+            # them, so later edits to user metadata do not change them.
+            serialized = safetensors.torch.save(state, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+            metadata["sshs_model_hash"] = sshs_model_hash(serialized)
+            metadata["sshs_legacy_hash"] = sshs_legacy_hash(serialized)
+            del serialized
+            safetensors.torch.save_file(state, temporary, metadata)
+        else:
+            torch.save(state, temporary)
+
+
+def save_network(network: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Save a network: dtype = --save_precision, else the parameters' own dtype."""
+    save_lora(network_state_dict(network, dtype), path, metadata)
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file (`.safetensors`, or `.ckpt`/`.pt`/`.bin` loaded without pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"{path}: LoRA file not found")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: one line, not a traceback
+        raise LorakitError(f"{path}: cannot read as a LoRA file ({type(error).__name__}: {error})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise LorakitError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state, {}
+
+
+def file_ranks(state: Mapping[str, Tensor]) -> dict[str, tuple[int, float]]:
+    """lora_name -> (rank, alpha) from a LoRA tensor dict; alpha defaults to the rank (old files)."""
+    ranks = {}
+    for key, value in state.items():
+        name, _, rest = key.partition(".")
+        if rest == "lora_down.weight":
+            alpha = state.get(f"{name}.alpha")
+            ranks[name] = (value.shape[0], float(alpha) if alpha is not None else float(value.shape[0]))
+    return ranks
+
+
+@dataclass
+class LoadReport:
+    """What `load_network_weights` did: keys the network has but the file lacks, and the reverse."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    alpha_changed: list[str] = field(default_factory=list)
+
+
+def load_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module | None = None) -> LoadReport:
+    """--network_weights: load a file into the network; refuse files whose names or shapes do not fit.
+
+    Diffusers-style U-Net names are converted when `unet` is given. Where the file's alpha differs from the
+    network's, the file's alpha is used for training and saving (one info line).
+    """
+    from lorakit.network.apply import to_sgm_names
+
+    state, _ = read_lora(path)
+    if unet is not None:
+        state = to_sgm_names(state, unet)
+    own = network.state_dict()
+    report = LoadReport(missing=sorted(set(own) - set(state)), unexpected=sorted(set(state) - set(own)))
+    matched = set(own) & set(state)
+    if not matched:
+        raise LorakitError(f"{path}: none of its {len(state)} tensors matches this SDXL LoRA network "
+                           f"(first key {next(iter(state), 'none')!r}); is it a LoRA for another architecture?")
+    for key in sorted(matched):
+        if tuple(own[key].shape) != tuple(state[key].shape):
+            raise LorakitError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the network expects "
+                               f"{tuple(own[key].shape)}; pass --dim_from_weights to take ranks from the file, "
+                               "or the file is for another architecture")
+    report.alpha_changed = [key for key in sorted(matched) if key.endswith(".alpha")
+                            and float(own[key]) != float(state[key])]
+    network.load_state_dict({key: state[key] for key in matched}, strict=False)
+    if report.alpha_changed:
+        logger.info("%s: %d modules have another alpha than --network_alpha; training and saving with the file's",
+                    path, len(report.alpha_changed))
+    if report.missing or report.unexpected:
+        logger.warning("%s: %d tensors missing from the file (kept as initialised), %d unused", path,
+                       len(report.missing), len(report.unexpected))
+    return report
