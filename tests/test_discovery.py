@@ -41,7 +41,7 @@ def _datasets(tmp_path: Path, toml: str, **command_line):
     return load_datasets({"dataset_config": str(path), **command_line})
 
 
-def _resolve_and_discover(tmp_path: Path, subset: dict, **command_line):
+def _resolve_and_discover(subset: dict, **command_line):
     config = {"general": {"resolution": 64}, "datasets": [{"subsets": [subset]}]}
     return discover_datasets(resolve_datasets(config, command_line, source="test"))
 
@@ -321,23 +321,23 @@ def test_in_json_command_line_mode(tmp_path):
 def test_jsonl_line_without_image_path(tmp_path):
     (tmp_path / "meta.jsonl").write_text('{"image_path": "a"}\n{"caption": "x"}\n')
     with pytest.raises(LorakitError, match=r'meta.jsonl line 2: expected an object with "image_path"'):
-        _resolve_and_discover(tmp_path, {"metadata_file": str(tmp_path / "meta.jsonl")})
+        _resolve_and_discover({"metadata_file": str(tmp_path / "meta.jsonl")})
 
 
 def test_mask_subset_pairs_masks_and_lists_extra_ones(tmp_path):
     _images(tmp_path / "img", ["a.png", "b.png"])
     _images(tmp_path / "masks", ["a.png", "b.jpg"])
     subset = {"image_dir": str(tmp_path / "img"), "conditioning_data_dir": str(tmp_path / "masks")}
-    (dataset,) = _resolve_and_discover(tmp_path, subset, masked_loss=True)
+    (dataset,) = _resolve_and_discover(subset, masked_loss=True)
     assert [(r.path.name, r.mask_path.name) for r in dataset.train] == [("a.png", "a.png"), ("b.png", "b.jpg")]
     _images(tmp_path / "masks", ["c.png", "d.png"])
     with pytest.raises(LorakitError, match=r"2 masks have no image: c.png, d.png"):
-        _resolve_and_discover(tmp_path, subset, masked_loss=True)
+        _resolve_and_discover(subset, masked_loss=True)
 
 
 def test_alpha_mask_flag_reaches_records(tmp_path):
     _images(tmp_path / "img", ["a.png"])
-    (dataset,) = _resolve_and_discover(tmp_path, {"image_dir": str(tmp_path / "img")}, alpha_mask=True)
+    (dataset,) = _resolve_and_discover({"image_dir": str(tmp_path / "img")}, alpha_mask=True)
     assert dataset.train[0].alpha_mask is True
 
 

@@ -44,16 +44,20 @@ def test_preflight_lists_every_bad_file_with_a_reason(tmp_path):
     truncated = tmp_path / "truncated.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    cut_jpeg = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(cut_jpeg)
+    cut_jpeg.write_bytes(cut_jpeg.read_bytes()[: cut_jpeg.stat().st_size // 2])
     text = tmp_path / "notes.jpg"
     text.write_text("this is not a JPEG")
     empty = tmp_path / "empty.webp"
     empty.write_bytes(b"")
     gone = tmp_path / "gone.png"
     with pytest.raises(LorakitError) as caught:
-        preflight([good, truncated, text, empty, gone])
+        preflight([good, truncated, cut_jpeg, text, empty, gone])
     message = str(caught.value)
-    assert message.startswith("4 image file(s) cannot be read") and "\n" not in message
+    assert message.startswith("5 image file(s) cannot be read") and "\n" not in message
     assert f"{truncated}: corrupt or truncated" in message
+    assert f"{cut_jpeg}: corrupt or truncated" in message
     assert f"{text}: not an image Pillow can read" in message
     assert f"{empty}: not an image Pillow can read" in message
     assert f"{gone}: file not found" in message

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, UnionType
-from typing import Annotated, Any, Literal, Mapping, Sequence, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union, get_args, get_origin
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
                       ValidationError)
@@ -183,8 +183,8 @@ class SubsetSettings:
     is_reg: bool
     alpha_mask: bool
     num_repeats: int
-    validation_split: float
-    validation_seed: int
+    validation_split: float  # 0 for regularisation subsets: they are never split
+    validation_seed: int  # validation_seed, else the run's --seed, else 0: the split is always reproducible
     shuffle_caption: bool
     caption_separator: str
     keep_tokens: int
@@ -357,7 +357,9 @@ def _resolve_dataset(
     )
 
 
-def _resolve_subset(table: str, kind: DatasetKind, subset: SubsetTable, value, seed, source: str) -> SubsetSettings:
+def _resolve_subset(
+    table: str, kind: DatasetKind, subset: SubsetTable, value: Callable[..., Any], seed: int | None, source: str
+) -> SubsetSettings:
     where = f"{source}: {table}"
     if kind != "fine_tuning" and subset.image_dir is None:
         raise LorakitError(
@@ -489,7 +491,9 @@ def _check_keys(config: Mapping[str, Any], source: str, masked_loss: bool) -> No
     _check_level(general, GENERAL_KEYS, source, "general", "general")
     datasets = config.get("datasets", [])
     if not isinstance(datasets, list):
-        raise LorakitError(f"{source}: `datasets` must be an array of tables ([[datasets]]), found {_describe(datasets)}")
+        raise LorakitError(
+            f"{source}: `datasets` must be an array of tables ([[datasets]]), found {_describe(datasets)}"
+        )
     for index, dataset in enumerate(datasets):
         table = f"datasets[{index}]"
         _expect_table(dataset, source, table)

@@ -6,7 +6,8 @@ config, `--train_data_dir` holds `N_name` folders (N repeats, class tokens "name
 regularisation images, and `--in_json` makes a fine-tuning dataset.
 
 Then: every image header is read before anything else (`images.preflight`), non-regularisation subsets are
-split for validation (one seeded shuffle per subset, so training and validation never overlap), and
+split for validation (one seeded shuffle per subset, so training and validation never overlap; fine-tuning
+subsets too, where sd-scripts validates on a copy of the training set), and
 regularisation repeats are balanced against the training samples exactly as sd-scripts does (§3.7).
 """
 
@@ -255,8 +256,9 @@ def read_caption_file(path: Path, enable_wildcard: bool) -> str:
     return lines[0].strip()
 
 
-def _read_cache_info(image_dir: Path) -> dict[str, Any]:
-    """`metadata_cache.json` ({abs image path: {"caption", "resolution"}}); unreadable -> empty (rebuilt)."""
+def _read_cache_info(image_dir: Path) -> dict[str, tuple[dict[str, Any], float]]:
+    """`metadata_cache.json` ({abs image path: {"caption", "resolution"}}) with the file's mtime per entry;
+    unreadable -> empty (it is rebuilt)."""
     path = image_dir / CACHE_INFO_FILE
     if not path.is_file():
         return {}
@@ -271,7 +273,9 @@ def _read_cache_info(image_dir: Path) -> dict[str, Any]:
     return {key: (value, mtime) for key, value in data.items() if isinstance(value, dict)}
 
 
-def _fresh_cached_caption(cached: Mapping[str, Any], image: Path, caption_file: Path | None) -> str | None:
+def _fresh_cached_caption(
+    cached: Mapping[str, tuple[dict[str, Any], float]], image: Path, caption_file: Path | None
+) -> str | None:
     """A cached caption only when its caption file exists and neither it nor the image changed since."""
     entry = cached.get(str(image.absolute()))
     if entry is None or caption_file is None:

@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
@@ -59,7 +59,8 @@ class ImageHeader:
 
 
 def read_header(path: Path) -> ImageHeader:
-    """Open `path`, read its size and orientation, and check the file's structure (PNG chunks and CRCs).
+    """Open `path`, read its size and orientation, and check the file is whole (PNG chunks and CRCs; JPEG
+    decoded at 1/8 scale) without a full decode.
 
     Raises OSError / ValueError / SyntaxError (Pillow's exceptions) for a file that is not a readable image.
     """
@@ -68,7 +69,12 @@ def read_header(path: Path) -> ImageHeader:
         orientation = _orientation(image)
         has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
         image_format = image.format or "?"
-        image.verify()  # walks the structure without decoding: catches truncated PNGs and bad CRCs
+        if image_format == "JPEG":
+            # JPEG has no structure to verify; decoding at 1/8 scale (DCT scaling) is cheap and finds truncation.
+            image.draft("RGB", (max(1, stored[0] // 8), max(1, stored[1] // 8)))
+            image.load()
+        else:
+            image.verify()  # walks the structure without decoding: catches truncated PNGs and bad CRCs
     size = (stored[1], stored[0]) if orientation in TRANSPOSED_ORIENTATIONS else stored
     return ImageHeader(path=path, size=size, stored_size=stored, format=image_format, has_alpha=has_alpha)
 
@@ -97,7 +103,9 @@ def preflight(paths: Iterable[Path]) -> dict[Path, ImageHeader]:
             failures.append(f"{path}: file not found")
         except UnidentifiedImageError:
             failures.append(f"{path}: not an image Pillow can read (wrong extension or not an image file)")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError as error:
+            failures.append(f"{path}: too large for Pillow's decompression-bomb limit ({error})")
+        except (OSError, ValueError, SyntaxError) as error:
             failures.append(f"{path}: corrupt or truncated ({error})")
     if failures:
         shown = "; ".join(failures[:PREFLIGHT_SHOWN])
@@ -126,9 +134,3 @@ def load_mask(path: Path) -> Image.Image:
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         return image.convert("RGB").getchannel("R")
-
-
-def find_by_stem(folder: Path, stems: Sequence[str]) -> dict[str, Path]:
-    """Images in `folder` keyed by file stem, for the given stems that have one."""
-    wanted = set(stems)
-    return {path.stem: path for path in list_images(folder) if path.stem in wanted}

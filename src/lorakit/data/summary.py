@@ -81,7 +81,8 @@ def _subset_line(subset: SubsetSettings, dataset: DatasetRecords) -> str:
     train = [r for r in dataset.train if r.subset is subset]
     validation = sum(1 for r in dataset.validation if r.subset is subset)
     if subset.is_reg:
-        counts = f"regularisation: {len(train)} images used, {sum(r.num_repeats for r in train)} samples after balancing"
+        samples = sum(r.num_repeats for r in train)
+        counts = f"regularisation: {len(train)} images used, {samples} samples after balancing"
     else:
         counts = f"{len(train)} images x {subset.num_repeats} = {len(train) * subset.num_repeats} samples"
         if subset.validation_split:
