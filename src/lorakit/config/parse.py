@@ -84,10 +84,10 @@ def help_text(flag: Flag) -> str:
     return text
 
 
-def parse_train_args(argv: Sequence[str]) -> TrainConfig:
-    """The validated TrainConfig of a training command line. `--output_config` writes the file and raises
-    SystemExit(0), like `--help`."""
-    given = command_line_values(argv)
+def parse_train_args(argv: Sequence[str], prog: str | None = None) -> TrainConfig:
+    """The validated TrainConfig of a training command line (`prog` names the command in `--help`).
+    `--output_config` writes the file and raises SystemExit(0), like `--help`."""
+    given = command_line_values(argv, prog)
     _refuse_unsupported(given)
     if given.get("output_config"):
         if not given.get("config_file"):
@@ -103,9 +103,9 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     return config
 
 
-def command_line_values(argv: Sequence[str]) -> dict[str, Any]:
+def command_line_values(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
     """The flags given on the command line, converted (tuples for list flags); absent flags are absent."""
-    namespace, extras = build_parser(suppress_defaults=True).parse_known_args(list(argv))
+    namespace, extras = build_parser(prog, suppress_defaults=True).parse_known_args(list(argv))
     if extras:
         raise LorakitError(_unrecognised(extras))
     return {name: tuple(value) if isinstance(value, list) else value for name, value in vars(namespace).items()}
