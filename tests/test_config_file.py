@@ -76,7 +76,8 @@ def test_file_values_go_through_the_command_line_types(tmp_path, toml, name, exp
 
 @pytest.mark.parametrize("toml, message", [
     ("network_dim = 8.5", "network_dim = 8.5: expected an integer"),
-    ("lr_warmup_steps = 1.5", "lr_warmup_steps = 1.5: expected an integer step count, a ratio below 1 or N%, found '1.5'"),
+    ("lr_warmup_steps = 1.5",
+     "lr_warmup_steps = 1.5: expected an integer step count, a ratio below 1 or N%, found '1.5'"),
     ("max_token_length = 100", "max_token_length = 100: expected one of 150, 225"),
     ('mixed_precision = "fp32"', "mixed_precision = 'fp32': expected one of no, fp16, bf16"),
     ('flip_aug = "yes"', "flip_aug = 'yes': expected true or false"),
@@ -131,7 +132,8 @@ def test_a_file_switch_stays_on_and_a_false_switch_is_off(tmp_path):
 
 ROUND_TRIP = BASE + [
     "--resolution", "1024,768", "--network_args", "conv_dim=4", "conv_alpha=1", "--lr_warmup_steps", "10%",
-    "--lr_scheduler", "cosine",    "--network_alpha", "16", "--text_encoder_lr", "1e-5", "2e-5", "--flip_aug", "--optimizer_type", "Prodigy",
+    "--lr_scheduler", "cosine", "--network_alpha", "16", "--text_encoder_lr", "1e-5", "2e-5", "--flip_aug",
+    "--optimizer_type", "Prodigy",
     "--wandb_api_key", "secret", "--caption_extention", "txt", "--sample_every_n_steps", "0",
 ]
 

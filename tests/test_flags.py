@@ -146,7 +146,8 @@ def test_unique_prefixes_work_and_ambiguous_or_unknown_flags_are_one_line():
     assert (config.learning_rate, config.network_dim) == (3e-4, 8)
     with pytest.raises(LorakitError, match="ambiguous option: --network_d could match"):
         parse_train_args(BASE + ["--network_d", "8"])
-    with pytest.raises(LorakitError, match=r"^unrecognized argument --lerning_rate \(did you mean --learning_rate\?\)$"):
+    suggestion = r"^unrecognized argument --lerning_rate \(did you mean --learning_rate\?\)$"
+    with pytest.raises(LorakitError, match=suggestion):
         parse_train_args(BASE + ["--lerning_rate=1e-4"])
     with pytest.raises(LorakitError, match=r"^argument --network_dim: invalid int value: 'x'$"):
         parse_train_args(BASE + ["--network_dim", "x"])

@@ -47,7 +47,8 @@ def _row(flag: Flag) -> str:
     if flag.refused:
         meaning = f"**not supported yet**: {flag.refused}. {meaning}"
     value = f"`{flag.value_name()}`" if flag.value_name() else "switch"
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in (f"`{flag.option}`", value, default, meaning)) + " |\n"
+    cells = (f"`{flag.option}`", value, default, meaning)
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n"
 
 
 def main(argv: list[str] | None = None) -> int:

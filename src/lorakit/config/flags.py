@@ -78,7 +78,7 @@ class Group:
              many: bool = False, metavar: str | None = None, kohya: bool = True, refused: str | None = None,
              secret: bool = False, to_file: Callable[[Any], Any] | None = None) -> Any:
         flag = Flag("", self, help, default, parse, choices, many, metavar, kohya, refused, secret, to_file)
-        return dataclasses.field(default=default, metadata={FLAG_KEY: flag})
+        return dataclasses.field(default=default, repr=not secret, metadata={FLAG_KEY: flag})
 
     def switch(self, help: str, *, kohya: bool = True, refused: str | None = None) -> Any:
         flag = Flag("", self, help, False, None, kohya=kohya, refused=refused)

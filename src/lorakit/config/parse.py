@@ -275,8 +275,6 @@ def _check_inputs(config: TrainConfig) -> None:
                            "folder)")
     if not (config.dataset_config or config.train_data_dir):
         raise LorakitError("no dataset: give --dataset_config (a dataset TOML) or --train_data_dir")
-    if config.in_json and not config.dataset_config and not config.train_data_dir:
-        raise LorakitError("--in_json needs --train_data_dir, the folder of its images")
     if config.train_data_dir and not config.dataset_config and config.resolution is None:
         raise LorakitError("--train_data_dir needs --resolution (e.g. 1024 or 1024,768)")
 

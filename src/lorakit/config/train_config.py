@@ -325,9 +325,12 @@ class TrainConfig:
     output_config: bool = CONFIG.switch("write the given arguments to --config_file and exit")
 
 
+FLAGS = tuple(flags_of(TrainConfig))
+
+
 def iter_flags() -> Iterator[Flag]:
     """Every flag of the table, in `--help` order."""
-    return flags_of(TrainConfig)
+    return iter(FLAGS)
 
 
 GROUPS = (MODEL, DATASET, CACHING, NETWORK, OPTIMIZER, TRAINING, SAVING, SAMPLES, VALIDATION, LOGGING, METADATA,
