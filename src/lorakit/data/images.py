@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -92,28 +94,37 @@ def _orientation(image: Image.Image) -> int:
     return int(image.getexif().get(EXIF_ORIENTATION, 1))
 
 
-def preflight(paths: Iterable[Path]) -> dict[Path, ImageHeader]:
-    """Read the header of every image; if any cannot be read, raise one error listing them all with reasons."""
-    headers: dict[Path, ImageHeader] = {}
-    failures: list[str] = []
-    for path in paths:
-        try:
-            headers[path] = read_header(path)
-        except FileNotFoundError:
-            failures.append(f"{path}: file not found")
-        except UnidentifiedImageError:
-            failures.append(f"{path}: not an image Pillow can read (wrong extension or not an image file)")
-        except Image.DecompressionBombError as error:
-            failures.append(f"{path}: too large for Pillow's decompression-bomb limit ({error})")
-        except (OSError, ValueError, SyntaxError) as error:
-            failures.append(f"{path}: corrupt or truncated ({error})")
+def preflight(paths: Iterable[Path], workers: int | None = None) -> dict[Path, ImageHeader]:
+    """Read the header of every image; if any cannot be read, raise one error listing them all with reasons.
+
+    Files are checked on a thread pool (Pillow's decoders release the GIL), in the order given.
+    """
+    paths = list(paths)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_check, paths))
+    failures = [result for result in results if isinstance(result, str)]
     if failures:
         shown = "; ".join(failures[:PREFLIGHT_SHOWN])
         more = f"; and {len(failures) - PREFLIGHT_SHOWN} more" if len(failures) > PREFLIGHT_SHOWN else ""
         raise LorakitError(
             f"{len(failures)} image file(s) cannot be read; fix or remove them before training: {shown}{more}"
         )
-    return headers
+    return {header.path: header for header in results}
+
+
+def _check(path: Path) -> ImageHeader | str:
+    """The header, or "path: reason" for a file that cannot be read."""
+    try:
+        return read_header(path)
+    except FileNotFoundError:
+        return f"{path}: file not found"
+    except UnidentifiedImageError:
+        return f"{path}: not an image Pillow can read (wrong extension or not an image file)"
+    except Image.DecompressionBombError as error:
+        return f"{path}: too large for Pillow's decompression-bomb limit ({error})"
+    except (OSError, ValueError, SyntaxError) as error:
+        return f"{path}: corrupt or truncated ({error})"
 
 
 def load_image(path: Path, with_alpha: bool = False) -> tuple[Image.Image, Image.Image | None]:
