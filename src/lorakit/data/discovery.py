@@ -66,7 +66,7 @@ def discover_datasets(
     headers = preflight(paths)
     for dataset, subsets in zip(datasets, found):
         for subset, items in zip(dataset.subsets, subsets):
-            if subset.cache_info and subset.kind == "dreambooth":
+            if subset.cache_info and subset.kind != "fine_tuning":
                 _write_cache_info(subset, items, headers)
     return [
         _dataset_records(dataset, subsets, headers, prior_loss_weight) for dataset, subsets in zip(datasets, found)
@@ -75,7 +75,7 @@ def discover_datasets(
 
 def _dataset_records(
     dataset: DatasetSettings,
-    found: Sequence[Sequence[_Found]],
+    found: Sequence[Sequence[FoundImage]],
     headers: Mapping[Path, ImageHeader],
     prior_loss_weight: float,
 ) -> DatasetRecords:
@@ -112,7 +112,7 @@ def _dataset_records(
     )
 
 
-def _size(item: _Found, header: ImageHeader) -> tuple[int, int]:
+def _size(item: FoundImage, header: ImageHeader) -> tuple[int, int]:
     """The header's size (EXIF-aware). Fine-tuning metadata's `image_size` is checked against it, not trusted:
     an image edited after the metadata was written keeps its true size."""
     if item.metadata_size is not None and item.metadata_size not in (header.size, header.stored_size):
@@ -186,14 +186,17 @@ def _repeat_folders(parent: Path, flag: str, *, is_reg: bool) -> list[dict[str, 
 
 
 @dataclass(frozen=True)
-class _Found:
+class FoundImage:
+    """An image found by a subset, before its header is read."""
+
     path: Path
     caption: str
     mask_path: Path | None = None
     metadata_size: tuple[int, int] | None = None
 
 
-def discover_subset(subset: SubsetSettings, source: str = "") -> list[_Found]:
+def discover_subset(subset: SubsetSettings, source: str = "") -> list[FoundImage]:
+    """The images of one subset with their raw captions (and masks); `source` prefixes error messages."""
     where = f"{source}: {subset.table}" if source else subset.table
     if subset.kind == "fine_tuning":
         return _fine_tuning_subset(subset, where)
@@ -210,7 +213,7 @@ def _image_folder(folder: Path, where: str, key: str) -> list[Path]:
     return images
 
 
-def _dreambooth_subset(subset: SubsetSettings, where: str) -> list[_Found]:
+def _dreambooth_subset(subset: SubsetSettings, where: str) -> list[FoundImage]:
     assert subset.image_dir is not None  # guaranteed by config resolution for DreamBooth and mask subsets
     images = _image_folder(subset.image_dir, where, "image_dir")
     cached = _read_cache_info(subset.image_dir) if subset.cache_info else {}
@@ -223,7 +226,7 @@ def _dreambooth_subset(subset: SubsetSettings, where: str) -> list[_Found]:
         if caption is None:
             missing.append(image)
             caption = subset.class_tokens or ""
-        items.append(_Found(image, caption))
+        items.append(FoundImage(image, caption))
     if missing:
         fallback = f"class_tokens '{subset.class_tokens}'" if subset.class_tokens else "an empty caption"
         shown = ", ".join(str(path) for path in missing[:MISSING_SHOWN])
@@ -286,7 +289,7 @@ def _fresh_cached_caption(
     return caption if isinstance(caption, str) and newest <= mtime else None
 
 
-def _write_cache_info(subset: SubsetSettings, items: Sequence[_Found], headers: Mapping[Path, ImageHeader]) -> None:
+def _write_cache_info(subset: SubsetSettings, items: Sequence[FoundImage], headers: Mapping[Path, ImageHeader]) -> None:
     assert subset.image_dir is not None
     # sd-scripts' format and sizes (stored pixels, no EXIF), so sd-scripts can read the file lorakit writes.
     data = {
@@ -303,7 +306,7 @@ def _write_cache_info(subset: SubsetSettings, items: Sequence[_Found], headers: 
         temporary.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
-def _with_masks(subset: SubsetSettings, items: list[_Found], where: str) -> list[_Found]:
+def _with_masks(subset: SubsetSettings, items: list[FoundImage], where: str) -> list[FoundImage]:
     """Pair every image with the same-stem mask in conditioning_data_dir; list every missing and extra one."""
     assert subset.conditioning_data_dir is not None
     masks = {path.stem: path for path in _image_folder(subset.conditioning_data_dir, where, "conditioning_data_dir")}
@@ -323,7 +326,7 @@ def _with_masks(subset: SubsetSettings, items: list[_Found], where: str) -> list
     return [replace(item, mask_path=masks[item.path.stem]) for item in items]
 
 
-def _fine_tuning_subset(subset: SubsetSettings, where: str) -> list[_Found]:
+def _fine_tuning_subset(subset: SubsetSettings, where: str) -> list[FoundImage]:
     assert subset.metadata_file is not None
     metadata = read_metadata(subset.metadata_file, where)
     if not metadata:
@@ -335,7 +338,7 @@ def _fine_tuning_subset(subset: SubsetSettings, where: str) -> list[_Found]:
             missing.append(key)
             continue
         size = entry.get("image_size")
-        items.append(_Found(image, metadata_caption(entry, subset.caption_separator, subset.enable_wildcard),
+        items.append(FoundImage(image, metadata_caption(entry, subset.caption_separator, subset.enable_wildcard),
                             metadata_size=tuple(size) if isinstance(size, list) and len(size) == 2 else None))
     if missing:
         folder = f" (image_dir '{subset.image_dir}')" if subset.image_dir else " (no image_dir set)"
