@@ -159,9 +159,10 @@ def test_batches_never_mix_buckets_and_hold_every_item_once_per_repeat():
     members = _members()
     batches = make_batches(members, 4, seed=42, epoch=1)
     assert len(batches) == batches_per_epoch({b: len(m) for b, m in members.items()}, 4) == 2 + 2 + 1
+    names = {(1024, 1024): "sq", (832, 1216): "tall", (1216, 832): "wide"}
     for batch in batches:
         assert 1 <= len(batch.items) <= 4
-        assert {name for name, _ in batch.items} == {{(1024, 1024): "sq", (832, 1216): "tall", (1216, 832): "wide"}[batch.bucket]}
+        assert {name for name, _ in batch.items} == {names[batch.bucket]}
     for bucket, items in members.items():
         drawn = [item for batch in batches if batch.bucket == bucket for item in batch.items]
         assert Counter(drawn) == Counter(items)
