@@ -1,0 +1,529 @@
+"""Train an SDXL LoRA: `sdxl_train_network.py`'s job, read top to bottom.
+
+What a run supports (each is a flag of `lorakit.config.TrainConfig`):
+- data: dataset TOML/JSON or `N_name` folders, buckets, caption processing, flip/colour/crop augmentation,
+  regularisation images with `--prior_loss_weight`, masked loss and alpha masks, `--weighted_captions`;
+  every image is scanned before any weights load.
+- caches: latents (memory or disk, flipped copies with `flip_aug`) and text-encoder outputs; the text encoders and
+  the VAE are released afterwards when nothing else needs them.
+- network: `networks.lora` (or a plug-in module), `--network_weights`, `--dim_from_weights`, `--base_weights`,
+  U-Net / TE1 / TE2 learning rates of their own; `--network_train_unet_only` / `..._text_encoder_only`.
+- step: noise offset / multires / input perturbation, timestep range, zero-terminal SNR, ε or v target, l2/l1/
+  huber/smooth_l1, min-SNR, debiased estimation, differential output preservation (`lorakit.train.step`).
+- optimisation: any `--optimizer_type` and `--lr_scheduler`, gradient accumulation, clipping, max-norm
+  regularisation, a real `--fused_backward_pass`.
+- precision: `--mixed_precision` through accelerate, `--full_bf16/--full_fp16`, fp8 base weights, gradient
+  checkpointing, SDPA / xformers attention, `torch.compile`.
+- outputs: sd-scripts' file names, cadence and rotation, metadata, atomic writes; a NaN loss stops the run with the
+  batch's image paths and leaves saved files intact.
+- processes: `accelerate launch` data parallel; batches are sharded by rank and LoRA gradients averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from lorakit.config import TrainConfig
+from lorakit.data.dataset import BatchLoader, TrainBatch, TrainingData
+from lorakit.data.discovery import load_datasets
+from lorakit.data.latent_cache import cache_latents, check_latent_caching_allowed, encode_pixels
+from lorakit.data.summary import dataset_summary
+from lorakit.errors import LorakitError
+from lorakit.models import load_sdxl
+from lorakit.models.vae import LATENT_SCALE
+from lorakit.network.apply import merge_lora
+from lorakit.network.io import file_ranks, load_network_weights, read_lora, save_network
+from lorakit.network.network import LoRANetwork, build_network
+from lorakit.network.plugins import LORAKIT_MODULE, create_network
+from lorakit.train.loss import LossOptions
+from lorakit.train.metadata import RunFacts, run_metadata, save_metadata
+from lorakit.train.noise import NoiseOptions, noise_schedule
+from lorakit.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_train_mode
+from lorakit.train.outputs import (OutputNames, last_epoch_to_remove, last_step_to_remove, prune,
+                                   save_every_n_epochs_from_ratio, should_save_epoch, should_save_step)
+from lorakit.train.schedulers import build_scheduler
+from lorakit.train.step import StepOptions, TextEncoding, diffusion_loss, predict
+
+logger = logging.getLogger("lorakit")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long the run is (reference §3.8): optimizer steps per epoch, total steps, epochs."""
+
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+
+    @classmethod
+    def of(cls, total_batches: int, num_processes: int, gradient_accumulation_steps: int, max_train_steps: int,
+           max_train_epochs: int | None) -> StepPlan:
+        batches = math.ceil(total_batches / num_processes)
+        steps_per_epoch = math.ceil(batches / gradient_accumulation_steps)
+        if max_train_epochs:
+            max_train_steps = max_train_epochs * steps_per_epoch
+        return cls(batches, steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch))
+
+
+@dataclass
+class TrainResult:
+    final_file: Path | None
+    global_step: int
+    losses: list[float]
+
+
+class NonFiniteLoss(LorakitError):
+    pass
+
+
+def train(config: TrainConfig) -> TrainResult:
+    # ------------------------------------------------------------------ data: every image scanned before any weights
+    seed = config.seed if config.seed is not None else random.randrange(2**32)
+    datasets = load_datasets(dataclasses.asdict(config))
+    data = TrainingData(datasets, seed)
+    if len(data) == 0:
+        raise LorakitError("the datasets yield no batches: no training images were found (see the summary above)")
+    if config.cache_latents:
+        for dataset in datasets:
+            for subset in dataset.settings.subsets:
+                check_latent_caching_allowed(subset.table, subset.color_aug, subset.random_crop)
+    accelerator = make_accelerator(config)
+    plan = StepPlan.of(len(data), accelerator.num_processes, config.gradient_accumulation_steps,
+                       config.max_train_steps, config.max_train_epochs)
+    if accelerator.is_main_process:
+        print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
+        print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
+              f"{plan.steps_per_epoch}, epochs {plan.num_epochs}, total steps {plan.max_train_steps}")
+    if config.dry_run:
+        print(memory_estimate(config))
+        return TrainResult(None, 0, [])
+
+    # ------------------------------------------------------------------ models
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if config.no_half_vae else weight_dtype
+    components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu")
+    unet, vae = components.unet, components.vae.to(vae_dtype)
+    text_encoders = [components.text_encoder1, components.text_encoder2]
+    for model in (unet, vae, *text_encoders):
+        model.requires_grad_(False)
+    for path, multiplier in zip(config.base_weights or (), _multipliers(config)):
+        merge_lora(components, path, multiplier)
+    configure_attention(config, unet, vae)
+
+    # ------------------------------------------------------------------ caches
+    vae.to(device)
+    latents = None
+    if config.cache_latents:
+        latents = cache_latents([s.latent_item() for s in data.all_samples()], vae,
+                                vae_identity=(components.vae_identity or components.identity).name,
+                                batch_size=config.vae_batch_size, to_disk=config.cache_latents_to_disk,
+                                progress=accelerator.is_main_process)
+    train_text_encoder = not config.network_train_unet_only
+    train_unet = not config.network_train_text_encoder_only
+    for text_encoder in text_encoders:
+        text_encoder.to(device)
+    encode_text = TextEncoding(components.tokenizer1, components.tokenizer2, *text_encoders,
+                               max_token_length=config.max_token_length, weighted_captions=config.weighted_captions)
+    cached_text = None
+    if config.cache_text_encoder_outputs:
+        cached_text = cache_text(data, encode_text, weight_dtype)
+    if latents is not None:
+        vae = components.vae = None  # released: nothing else needs it during training
+    if cached_text is not None:
+        text_encoders = [None, None]
+        components.text_encoder1 = components.text_encoder2 = None
+    gc.collect()
+    unet.to(device)
+    store_base_weights(config, unet, [t for t in text_encoders if t is not None], weight_dtype)
+
+    # ------------------------------------------------------------------ network
+    network, network_alpha = make_network(config, components, unet, text_encoders, vae, train_unet,
+                                          train_text_encoder)
+    network.to(device, dtype=torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else
+               torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in training mode; dropout-free, so outputs are unchanged
+        for text_encoder in text_encoders:
+            if text_encoder is not None and train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+                text_encoder.train()
+    if config.torch_compile:
+        unet.compile(backend=config.dynamo_backend)
+
+    # ------------------------------------------------------------------ optimizer and schedule
+    groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
+                                      config.learning_rate) if isinstance(network, LoRANetwork) else \
+        _plugin_groups(network, config)
+    params = [p for group in groups for p in group["params"]]
+    built = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args,
+                            lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
+    for warning in built.warnings:
+        logger.warning(warning)
+    optimizer = built.optimizer
+    lr_scheduler = build_scheduler(
+        optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=plan.max_train_steps,
+        num_processes=accelerator.num_processes, warmup_steps=config.lr_warmup_steps,
+        decay_steps=config.lr_decay_steps, num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power, timescale=config.lr_scheduler_timescale,
+        min_lr_ratio=config.lr_scheduler_min_lr_ratio, scheduler_type=config.lr_scheduler_type,
+        scheduler_args=config.lr_scheduler_args, schedule_free=built.schedule_free)
+    group_names = [group.get("name", f"group{i}") for i, group in enumerate(groups)]
+
+    # ------------------------------------------------------------------ step options, outputs, metadata
+    step_options = StepOptions(
+        schedule=noise_schedule(config.zero_terminal_snr),
+        noise=NoiseOptions(config.noise_offset, config.noise_offset_random_strength, config.adaptive_noise_scale,
+                           config.multires_noise_iterations, config.multires_noise_discount,
+                           config.ip_noise_gamma, config.ip_noise_gamma_random_strength,
+                           config.min_timestep or 0, 1000 if config.max_timestep is None else config.max_timestep),
+        loss=LossOptions(config.loss_type, config.huber_schedule, config.huber_c, config.huber_scale,
+                         config.min_snr_gamma, config.v_parameterization, config.scale_v_pred_loss_like_noise_pred,
+                         config.v_pred_like_loss, config.debiased_estimation_loss),
+        v_parameterization=config.v_parameterization,
+    )
+    names = OutputNames(Path(config.output_dir or "."), config.output_name, config.save_model_as)
+    save_every_n_epochs = config.save_every_n_epochs
+    if config.save_n_epoch_ratio:
+        save_every_n_epochs = save_every_n_epochs_from_ratio(plan.num_epochs, config.save_n_epoch_ratio)
+    facts = RunFacts(
+        session_id=random.randrange(2**32), started_at=time.time(), num_batches_per_epoch=plan.batches_per_epoch,
+        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer=built.description,
+        learning_rate=built.lr, lr_scheduler=built.lr_scheduler or config.lr_scheduler,
+        network_args=_network_args_dict(config), network_alpha=network_alpha, seed=seed,
+        total_batch_size=datasets[0].settings.batch_size * accelerator.num_processes
+        * config.gradient_accumulation_steps)
+    shared_metadata = run_metadata(config, facts, data, components.identity, components.vae_identity)
+    save_dtype = DTYPES.get(config.save_precision) if config.save_precision else None
+
+    def save(path: Path, epoch: int, step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        if built.schedule_free:
+            optimizer_eval_mode(optimizer)
+        metadata = save_metadata(shared_metadata, steps=step, epoch=epoch, no_metadata=config.no_metadata)
+        save_network_file(network, path, save_dtype, metadata)
+        if built.schedule_free:
+            optimizer_train_mode(optimizer)
+        logger.info("saved %s", path)
+
+    # ------------------------------------------------------------------ the loop
+    generator = torch.Generator("cpu").manual_seed(seed)
+    global_step, losses = 0, []
+    progress = tqdm(total=plan.max_train_steps, desc="steps", disable=not accelerator.is_main_process,
+                    dynamic_ncols=True)
+    network.train()
+    for epoch in range(1, plan.num_epochs + 1):
+        batches = shard(data.epoch_batches(epoch), accelerator.process_index, accelerator.num_processes)
+        steps_at_epoch_start = global_step
+        loader = torch.utils.data.DataLoader(
+            BatchLoader(batches, seed=seed, epoch=epoch, max_train_steps=plan.max_train_steps,
+                        step_of_batch=lambda i: steps_at_epoch_start + i // config.gradient_accumulation_steps,
+                        latents=latents, text=cached_text, masked_loss=config.masked_loss),
+            batch_size=None, num_workers=data_loader_workers(config),
+            persistent_workers=False)
+        epoch_losses = []
+        for batch_index, batch in enumerate(loader):
+            with accelerator.autocast():
+                loss = batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
+                                  train_text_encoder=train_text_encoder and cached_text is None,
+                                  options=step_options, generator=generator, config=config, device=device)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss is {loss.item()} at step {global_step + 1} (epoch {epoch}); images of the batch: "
+                    f"{', '.join(str(p) for p in batch.paths)}. Try --no_half_vae, a lower learning rate, or bf16 "
+                    f"instead of fp16. Files saved so far are intact.")
+            (loss / config.gradient_accumulation_steps).backward()
+            epoch_losses.append(loss.item())
+            is_sync = (batch_index + 1) % config.gradient_accumulation_steps == 0 or batch_index + 1 == len(loader)
+            if not is_sync:
+                continue
+            average_gradients(params, accelerator)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if config.scale_weight_norms and isinstance(network, LoRANetwork):
+                network.apply_max_norm_regularization(config.scale_weight_norms, device)
+            global_step += 1
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
+                                 avg=f"{sum(epoch_losses) / len(epoch_losses):.4f}",
+                                 lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if should_save_step(global_step, config.save_every_n_steps) and global_step < plan.max_train_steps:
+                save(names.step_file(global_step), epoch - 1, global_step)
+                prune(names.step_files(), last_step_to_remove(global_step, config.save_every_n_steps,
+                                                              config.save_last_n_steps), names, with_states=True)
+            if global_step >= plan.max_train_steps:
+                break
+        if should_save_epoch(epoch, plan.num_epochs, save_every_n_epochs):
+            save(names.epoch_file(epoch), epoch, global_step)
+            prune(names.epoch_files(), last_epoch_to_remove(epoch, save_every_n_epochs, config.save_last_n_epochs),
+                  names, with_states=True)
+        if global_step >= plan.max_train_steps:
+            break
+    progress.close()
+    final = names.final_file()
+    save(final, plan.num_epochs, global_step)
+    accelerator.wait_for_everyone()
+    logger.info("training finished: %d steps, final LoRA %s (groups: %s)", global_step, final,
+                ", ".join(group_names))
+    return TrainResult(final if accelerator.is_main_process else None, global_step, losses)
+
+
+# ---------------------------------------------------------------------------------------------------- the step
+
+
+def batch_loss(batch: TrainBatch, *, unet, vae, network, encode_text: TextEncoding, train_text_encoder: bool,
+               options: StepOptions, generator: torch.Generator, config: TrainConfig, device) -> torch.Tensor:
+    """Latents and text conditioning of a batch, then the diffusion loss (`lorakit.train.step`)."""
+    if batch.latents is not None:
+        latents = batch.latents.to(device)
+    else:
+        latents = encode_latents(vae, batch.pixels, config.vae_batch_size, generator).to(device)
+    latents = latents.float() * LATENT_SCALE
+    if batch.text is not None:
+        context, pooled = (t.to(device) for t in batch.text)
+    elif train_text_encoder:
+        context, pooled = encode_text(batch.captions)
+    else:
+        with torch.no_grad():
+            context, pooled = encode_text(batch.captions)
+    time_ids = batch.time_ids.to(device)
+
+    def base_prediction(noisy, timesteps):
+        network.set_multiplier(0.0)
+        try:
+            return predict(unet, noisy, timesteps, context, pooled, time_ids)
+        finally:
+            network.set_multiplier(1.0)
+
+    return diffusion_loss(unet, latents, context, pooled, time_ids, options, generator,
+                          loss_weights=batch.loss_weights, masks=None if batch.masks is None else batch.masks.to(device),
+                          preserve=batch.preserve, base_prediction=base_prediction)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, vae_batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Pixels → raw latent samples on the fly, `--vae_batch_size` images at a time; NaN latents become 0 with a
+    warning (as sd-scripts)."""
+    chunks = []
+    for start in range(0, pixels.shape[0], max(1, vae_batch_size)):
+        chunk = pixels[start:start + max(1, vae_batch_size)]
+        seeds = torch.randint(0, 2**62, (chunk.shape[0],), generator=generator).tolist()
+        chunks.append(encode_pixels(vae, chunk, seeds).float())
+    latents = torch.cat(chunks)
+    if not torch.isfinite(latents).all():
+        logger.warning("NaN in latents encoded on the fly; replaced by 0 (try --no_half_vae)")
+        latents = torch.nan_to_num(latents, nan=0.0, posinf=0.0, neginf=0.0)
+    return latents
+
+
+@torch.no_grad()
+def cache_text(data: TrainingData, encode_text: TextEncoding, dtype: torch.dtype):
+    """Text-encoder outputs of every processed caption, computed once; returns a lookup for batches."""
+    from lorakit.data.captions import process_caption, randomising_option
+    from lorakit.data.dataset import caption_options
+
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for sample in data.all_samples():
+        record = sample.record
+        options = caption_options(record)
+        option = randomising_option(record.caption, options)
+        if option:
+            raise LorakitError(f"{record.subset.table}: {option} changes the caption every time it is drawn, so "
+                               "--cache_text_encoder_outputs cannot be used; turn one of them off")
+        caption = process_caption(record.caption, options, random.Random(0))
+        if caption not in outputs:
+            context, pooled = encode_text([caption])
+            outputs[caption] = (context[0].to("cpu", dtype), pooled[0].to("cpu", dtype))
+
+    def lookup(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([outputs[c][0] for c in captions]).float(),
+                torch.stack([outputs[c][1] for c in captions]).float())
+
+    return lookup
+
+
+# ---------------------------------------------------------------------------------------------------- set-up pieces
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise LorakitError("--mixed_precision fp16 needs a GPU: CPUs compute fp16 about 150x slower than bf16; use "
+                           "--mixed_precision bf16 (or no) on this machine")
+    kwargs = []
+    if config.ddp_timeout or config.ddp_gradient_as_bucket_view or config.ddp_static_graph:
+        from datetime import timedelta
+
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+        if config.ddp_timeout:
+            kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=config.ddp_timeout)))
+        kwargs.append(DistributedDataParallelKwargs(gradient_as_bucket_view=config.ddp_gradient_as_bucket_view,
+                                                    static_graph=config.ddp_static_graph))
+    return Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=kwargs)
+
+
+def configure_attention(config: TrainConfig, unet, vae) -> None:
+    """SDPA is diffusers' default; xformers when asked and installed; --mem_eff_attn maps to SDPA."""
+    if config.xformers:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise LorakitError("--xformers: the xformers package is not installed; drop the flag (lorakit uses "
+                               "torch SDPA by default) or pip install xformers") from None
+        unet.enable_xformers_memory_efficient_attention()
+        vae.enable_xformers_memory_efficient_attention()
+    elif config.mem_eff_attn:
+        logger.info("--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention (memory-efficient kernels)")
+
+
+def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: torch.dtype) -> None:
+    """--fp8_base / --fp8_base_unet: frozen weights stored as float8_e4m3fn, each layer computed in the mixed
+    dtype (diffusers' layerwise casting)."""
+    if not (config.fp8_base or config.fp8_base_unet):
+        return
+    if compute_dtype == torch.float32:
+        raise LorakitError("--fp8_base needs --mixed_precision bf16 or fp16 (the dtype layers compute in)")
+    from diffusers.hooks import apply_layerwise_casting
+
+    apply_layerwise_casting(unet, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    if config.fp8_base:
+        for text_encoder in text_encoders:
+            apply_layerwise_casting(text_encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                    skip_modules_pattern=("embeddings", "norm"))
+
+
+def make_network(config: TrainConfig, components, unet, text_encoders, vae, train_unet: bool,
+                 train_text_encoder: bool):
+    """Build the network (or the plug-in's), attach it, load --network_weights; returns it and its alpha."""
+    module = config.network_module or LORAKIT_MODULE
+    args = _network_args_dict(config)
+    live_encoders = [t for t in text_encoders if t is not None]
+    if config.dim_from_weights:
+        if not config.network_weights:
+            raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
+        state, _ = read_lora(config.network_weights)
+        network = build_network(unet, live_encoders, network_args=args, dropout=config.network_dropout,
+                                train_unet=train_unet, train_text_encoder=train_text_encoder,
+                                ranks=file_ranks(state))
+    else:
+        network = create_network(module, unet=unet, text_encoders=live_encoders, vae=vae,
+                                  network_dim=config.network_dim, network_alpha=config.network_alpha,
+                                  dropout=config.network_dropout, network_args=args,
+                                  train_unet=train_unet, train_text_encoder=train_text_encoder)
+    if isinstance(network, LoRANetwork):
+        network.attach()
+    else:
+        network.apply_to(live_encoders, unet, train_text_encoder, train_unet)
+    if config.network_weights:
+        if isinstance(network, LoRANetwork):
+            report = load_network_weights(network, config.network_weights, unet)
+            if report.missing:
+                logger.warning("--network_weights: %d tensors of the network are not in the file (first: %s)",
+                               len(report.missing), report.missing[0])
+            if report.unexpected:
+                logger.warning("--network_weights: %d tensors of the file are not in the network (first: %s)",
+                               len(report.unexpected), report.unexpected[0])
+        else:
+            network.load_weights(config.network_weights)
+    alphas = {float(lora.alpha) for lora in getattr(network, "loras", [])}
+    network_alpha = alphas.pop() if len(alphas) == 1 else (config.network_alpha or 0.0)
+    return network, network_alpha
+
+
+def _plugin_groups(network, config: TrainConfig) -> list[dict]:
+    result = network.prepare_optimizer_params(config.text_encoder_lr1, config.unet_lr, config.learning_rate)
+    groups = result[0] if isinstance(result, tuple) else result
+    return [g if isinstance(g, dict) else {"params": list(g)} for g in groups]
+
+
+def _network_args_dict(config: TrainConfig) -> dict[str, str] | None:
+    if not config.network_args:
+        return None
+    pairs = {}
+    for item in config.network_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LorakitError(f"--network_args {item!r}: expected key=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _multipliers(config: TrainConfig) -> list[float]:
+    given = list(config.base_weights_multiplier or ())
+    return given + [1.0] * (len(config.base_weights or ()) - len(given))
+
+
+def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
+    if isinstance(network, LoRANetwork):
+        save_network(network, path, dtype=dtype, metadata=metadata)
+        return
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # plug-ins write the file themselves
+    network.save_weights(str(partial), dtype, metadata)
+    os.replace(partial, path)
+
+
+def shard(batches: list, rank: int, world: int) -> list:
+    """This process's share of an epoch's batches (every world-th, padded by wrapping so all ranks step equally)."""
+    if world == 1:
+        return batches
+    padded = batches + batches[: (-len(batches)) % world]
+    return padded[rank::world]
+
+
+def average_gradients(params: list[torch.Tensor], accelerator: Accelerator) -> None:
+    """LoRA hooks live outside DDP's forward, so gradients are averaged across processes here."""
+    if accelerator.num_processes == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
+            param.grad /= accelerator.num_processes
+
+
+def data_loader_workers(config: TrainConfig) -> int:
+    return min(config.max_data_loader_n_workers, os.cpu_count() or 1)
+
+
+def memory_estimate(config: TrainConfig) -> str:
+    """A rough peak-memory figure for --dry_run, from the checkpoint's tensor shapes (no weights are read)."""
+    path = config.pretrained_model_name_or_path
+    if not path or not os.path.isfile(path) or not path.endswith(".safetensors"):
+        return "memory estimate: needs a single-file .safetensors checkpoint"
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        counts = {}
+        for key in f.keys():
+            part = key.split(".")[0] if not key.startswith("conditioner") else ".".join(key.split(".")[:3])
+            counts[part] = counts.get(part, 0) + math.prod(f.get_slice(key).get_shape())
+    weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
+    unet = counts.get("model", 0) * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
+    text = sum(v for k, v in counts.items() if k.startswith("conditioner")) * weight_bytes
+    vae = counts.get("first_stage_model", 0) * (4 if config.no_half_vae else weight_bytes)
+    if config.cache_text_encoder_outputs:
+        text = 0
+    if config.cache_latents:
+        vae = 0
+    gib = (unet + text + vae) / 2**30
+    return (f"memory estimate: about {gib:.1f} GiB of frozen weights resident during training "
+            f"(U-Net {unet / 2**30:.1f}, text encoders {text / 2**30:.1f}, VAE {vae / 2**30:.1f}), plus activations")
