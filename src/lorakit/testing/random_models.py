@@ -156,6 +156,11 @@ def write_single_file(components: SDXLComponents, path: str | os.PathLike, dtype
 
 def write_random_single_file(path: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype) -> None:
     """Like `write_single_file(random_components(...))`, but each network exists only while it is written."""
+    write_safetensors_stream(random_sgm_parts(size, seed, dtype), path, dtype)
+
+
+def random_sgm_parts(size: Size, seed: int, dtype: torch.dtype) -> list[SGMPart]:
+    """The four networks as SGMParts whose header comes from the meta device and whose tensors are made on demand."""
     parts = []
     for network in sdxl_networks():
         config = network.config(size)
@@ -168,7 +173,7 @@ def write_random_single_file(path: str | os.PathLike, size: Size, seed: int, dty
             return network.to_sgm(random_network(network, config, seed, dtype).state_dict(), config)
 
         parts.append(SGMPart(network.prefix, header, tensors))
-    write_safetensors_stream(parts, path, dtype)
+    return parts
 
 
 # ---------------------------------------------------------------- diffusers folders
