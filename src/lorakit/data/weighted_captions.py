@@ -8,6 +8,12 @@ dropped), and unbalanced brackets close at the end.
 from __future__ import annotations
 
 import re
+from typing import Sequence
+
+import torch
+from transformers import CLIPTokenizer
+
+from lorakit.models.text_encoding import sequence_length, split_chunks
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -68,3 +74,31 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 def plain_text(text: str) -> str:
     """The caption without weight syntax (what the weights apply to)."""
     return "".join(run for run, _ in parse_weights(text))
+
+
+def weighted_tokens(
+    tokenizer: CLIPTokenizer, texts: Sequence[str], max_token_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions with weight syntax -> (ids [B, n, 77], weights [B, n, 77]), the ids laid out exactly as
+    `text_encoding.tokenize` lays out the plain text, each weight aligned with its id (1 at BOS, EOS, padding).
+
+    Each run is tokenised on its own (as A1111 and sd-scripts do), so a weight boundary inside a word splits it.
+    """
+    length = sequence_length(max_token_length)
+    id_rows, weight_rows = [], []
+    for text in texts:
+        ids: list[int] = []
+        weights: list[float] = []
+        for run, weight in parse_weights(text):
+            run_ids = tokenizer(run, add_special_tokens=False).input_ids
+            ids += run_ids
+            weights += [weight] * len(run_ids)
+        ids, weights = ids[: length - 2], weights[: length - 2]
+        padding = length - 2 - len(ids)
+        id_rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        weight_rows.append([1.0, *weights, 1.0] + [1.0] * padding)
+    ids = split_chunks(torch.tensor(id_rows, dtype=torch.long), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    weights = torch.tensor(weight_rows, dtype=torch.float32)
+    middle = weights[:, 1:-1].reshape(ids.shape[0], ids.shape[1], -1)
+    ones = torch.ones(ids.shape[0], ids.shape[1], 1)
+    return ids, torch.cat([ones, middle, ones], dim=2)
