@@ -97,6 +97,33 @@ def test_fused_optimizer_state_lives_in_the_main_optimizer():
     assert all(entry["step"] == STEPS for entry in state.values())
 
 
+def test_fused_resume_from_state_dicts_continues_exactly():
+    straight, _ = _train("AdamW", [], fused=True)
+
+    def setup(model: TinyLoRA):
+        built = build_optimizer("AdamW", model.groups(1e-2, 3e-3), 1e-2)
+        scheduler = build_scheduler(built.optimizer, "linear", max_train_steps=STEPS, warmup_steps=2)
+        fuse_backward(built.optimizer, built.make)
+        return built.optimizer, scheduler
+
+    first = TinyLoRA()
+    optimizer, scheduler = setup(first)
+    batches = _batches()
+    for batch in batches[:3]:
+        _loss(first, batch).backward()
+        scheduler.step()
+    resumed = TinyLoRA()
+    resumed.load_state_dict(first.state_dict())
+    optimizer2, scheduler2 = setup(resumed)
+    optimizer2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    scheduler2.load_state_dict(scheduler.state_dict())
+    for batch in batches[3:]:
+        _loss(resumed, batch).backward()
+        scheduler2.step()
+    for expected, got in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_fused_clips_each_parameter_by_its_own_norm():
     reference, _ = _train("AdamW", [], fused=False, max_grad_norm=0.01, per_parameter_clip=True)
     fused, _ = _train("AdamW", [], fused=True, max_grad_norm=0.01)

@@ -52,19 +52,20 @@ class FusedBackward:
         self._inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         self.max_grad_norm = max_grad_norm
         self._handles = []
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             settings = {key: value for key, value in group.items() if key != "params"}
             for param in group["params"]:
                 single = make_optimizer([{**settings, "params": [param]}])
-                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(param, single, group)))
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(param, single, index)))
 
     def _hook(self, param: torch.Tensor, single: torch.optim.Optimizer,
-              group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+              group_index: int) -> Callable[[torch.Tensor], None]:
         def step(_: torch.Tensor) -> None:
             if self.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
-            single.state = self.optimizer.state  # re-read: load_state_dict replaces the main optimizer's dict
-            single.param_groups[0]["lr"] = group["lr"]
+            # Looked up at every step: the main optimizer's load_state_dict replaces its state and group dicts.
+            single.state = self._inner.state
+            single.param_groups[0]["lr"] = self._inner.param_groups[group_index]["lr"]
             single.step()
             param.grad = None
             self._inner._opt_called = True  # what torch's step wrapper records; keeps LR schedulers from warning

@@ -67,6 +67,7 @@ def _custom_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, kwa
 
 
 def _adafactor_scheduler(optimizer: torch.optim.Optimizer, name: str) -> LRScheduler:
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # AdafactorSchedule reads Adafactor's own _get_lr
     if type(optimizer).__name__ != "Adafactor":
         raise LorakitError(f"--lr_scheduler {name}: only for --optimizer_type Adafactor, "
                            f"not {type(optimizer).__name__}")
