@@ -27,9 +27,8 @@ from lorakit.hashing import sshs_legacy_hash, sshs_model_hash
 logger = logging.getLogger(__name__)
 
 # The ss_* keys sd-scripts writes for an SDXL LoRA (§6.3) that the trainer fills in. Dataset keys depend on the
-# dataset source: with --dataset_config `ss_datasets`, `ss_tag_frequency`, `ss_dataset_dirs`; without it
-# `DATASET_CLI_METADATA_KEYS`. `ss_network_args` only when --network_args was given; `ss_sd_model_hash`,
-# `ss_new_sd_model_hash` (and the `ss_vae_*` keys with --vae) only when the file exists locally.
+# dataset source: with --dataset_config `DATASET_CONFIG_METADATA_KEYS`, without it `DATASET_CLI_METADATA_KEYS`.
+# `ss_network_args` only when --network_args was given.
 TRAINER_METADATA_KEYS = (
     "ss_session_id", "ss_training_started_at", "ss_output_name", "ss_learning_rate", "ss_unet_lr",
     "ss_text_encoder_lr", "ss_num_train_images", "ss_num_validation_images", "ss_num_reg_images",
@@ -54,6 +53,9 @@ DATASET_CLI_METADATA_KEYS = (
     "ss_max_bucket_reso", "ss_keep_tokens", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency",
     "ss_bucket_info",
 )
+# Only when the model (or --vae) is a local file.
+MODEL_HASH_METADATA_KEYS = ("ss_sd_model_hash", "ss_new_sd_model_hash")
+VAE_METADATA_KEYS = ("ss_vae_name", "ss_vae_hash", "ss_new_vae_hash")
 # What --no_metadata keeps of the trainer's keys (modelspec and sshs_* are always written).
 MINIMAL_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                          "ss_network_alpha", "ss_network_args")
