@@ -1,0 +1,215 @@
+"""The text-encoder output cache (`--cache_text_encoder_outputs`, `..._to_disk`).
+
+What is cached is the caption as training would use it (prefix, suffix, secondary separator and a
+single-choice wildcard applied), not the raw caption file as in sd-scripts; options that would make the
+caption differ between draws are refused. Each image's file `<stem>_lorakit_te.safetensors` holds the context
+(both encoders' penultimate states, concatenated) and TE2's pooled vector, in the encoders' dtype, with a
+fingerprint of the exact caption, the tokenizers, the encoders, their dtype, `max_token_length` and the
+weighting. A file that does not read back or does not match is recomputed; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lorakit.data.captions import CaptionOptions, process_caption, randomising_option
+from lorakit.data.weighted_captions import weighted_tokens
+from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_path
+from lorakit.models.text_encoding import encode_tokens, sequence_length, tokenize
+
+FORMAT = "lorakit-te/1"
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """One image's caption, already processed (see `cached_caption`)."""
+
+    image_path: Path
+    caption: str
+
+
+@dataclass
+class CachedText:
+    context: torch.Tensor  # [L, w1 + w2], L = 77 / 152 / 227
+    pooled: torch.Tensor  # [projection_dim]
+
+
+def check_text_caching_allowed(subset: str, options: CaptionOptions, captions: Mapping[Path, str]) -> None:
+    """Refuse caption options whose randomness a cached embedding cannot follow, naming the option."""
+    for image_path, caption in captions.items():
+        option = randomising_option(caption, options)
+        if option == "enable_wildcard":
+            raise LorakitError(
+                f"{subset}: enable_wildcard with several choices ({image_path}) cannot be used with"
+                " --cache_text_encoder_outputs (one embedding is cached per caption); keep one choice per caption"
+                " or drop --cache_text_encoder_outputs"
+            )
+        if option is not None:
+            raise LorakitError(
+                f"{subset}: {option} cannot be used with --cache_text_encoder_outputs (one embedding is cached per"
+                f" caption); turn {option} off or drop --cache_text_encoder_outputs"
+            )
+
+
+def cached_caption(caption: str, options: CaptionOptions) -> str:
+    """The caption every draw would produce (call `check_text_caching_allowed` first)."""
+    return process_caption(caption, options, random.Random(0))
+
+
+def text_cache_path(image_path: Path) -> Path:
+    return image_path.with_name(f"{image_path.stem}_lorakit_te.safetensors")
+
+
+def tokenizer_identity(tokenizer: CLIPTokenizer) -> str:
+    """A short hash of everything that decides the ids: vocabulary, merges, normalisation, padding id."""
+    text = f"{tokenizer.backend_tokenizer.to_str()}|pad={tokenizer.pad_token_id}|max={tokenizer.model_max_length}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_fingerprint(
+    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
+    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    encoders_identity: str,
+    max_token_length: int | None,
+    weighted: bool,
+) -> dict[str, str]:
+    """Everything but the caption that cached outputs depend on, as safetensors metadata."""
+    return {
+        "format": FORMAT,
+        "tokenizers": ",".join(tokenizer_identity(tokenizer) for tokenizer in tokenizers),
+        "encoders": encoders_identity,
+        "dtype": ",".join(str(encoder.dtype).removeprefix("torch.") for encoder in encoders),
+        "max_token_length": str(max_token_length),
+        "weighted_captions": str(weighted).lower(),
+    }
+
+
+def read_cached_text(path: Path, expected: dict[str, str] | None, length: int) -> CachedText | None:
+    """The outputs cached at `path`, or None when missing, unreadable, stale or of the wrong length."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            if expected is not None and file.metadata() != expected:
+                return None
+            context, pooled = file.get_tensor("context").clone(), file.get_tensor("pooled").clone()
+    except (OSError, SafetensorError):
+        return None
+    if context.ndim != 2 or context.shape[0] != length or pooled.ndim != 1:
+        return None
+    if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+        return None
+    return CachedText(context, pooled)
+
+
+def write_cached_text(path: Path, entry: CachedText, metadata: dict[str, str]) -> None:
+    with atomic_path(path) as temporary:
+        save_file(
+            {"context": entry.context.contiguous(), "pooled": entry.pooled.contiguous()},
+            str(temporary),
+            metadata=metadata,
+        )
+
+
+@torch.no_grad()
+def encode_captions(
+    captions: Sequence[str],
+    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
+    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    max_token_length: int | None,
+    weighted: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (context [B, L, w1 + w2], pooled [B, P]) on the CPU, weighted per token when asked."""
+    if weighted:
+        (tokens1, weights1), (tokens2, weights2) = (
+            weighted_tokens(tokenizer, captions, max_token_length) for tokenizer in tokenizers
+        )
+    else:
+        tokens1, tokens2 = (tokenize(tokenizer, captions, max_token_length) for tokenizer in tokenizers)
+        weights1 = weights2 = None
+    context, pooled = encode_tokens(*encoders, tokens1, tokens2, weights1, weights2)
+    return context.cpu(), pooled.cpu()
+
+
+class TextCache:
+    """Cached text-encoder outputs by image path: held in memory (one copy per distinct caption), or read from
+    their files on each access."""
+
+    def __init__(self, items: Sequence[TextItem], by_caption: dict[str, CachedText], to_disk: bool, length: int):
+        self._captions = {item.image_path: item.caption for item in items}
+        self._by_caption = by_caption
+        self.to_disk = to_disk
+        self._length = length
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def __contains__(self, image_path: object) -> bool:
+        return image_path in self._captions
+
+    def __getitem__(self, image_path: Path) -> CachedText:
+        if not self.to_disk:
+            return self._by_caption[self._captions[image_path]]
+        path = text_cache_path(image_path)
+        entry = read_cached_text(path, None, self._length)
+        if entry is None:
+            raise LorakitError(f"{path}: text-encoder cache file vanished or changed during training; rerun to recache")
+        return entry
+
+
+def cache_text_encoder_outputs(
+    items: Sequence[TextItem],
+    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
+    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    *,
+    encoders_identity: str,
+    max_token_length: int | None = None,
+    weighted: bool = False,
+    batch_size: int = 1,
+    to_disk: bool = False,
+    progress: bool = True,
+) -> TextCache:
+    """Encode each distinct caption that has no valid cache once, in batches of `batch_size` captions."""
+    length = sequence_length(max_token_length)
+
+    settings = settings_fingerprint(tokenizers, encoders, encoders_identity, max_token_length, weighted)
+
+    def expected(caption: str) -> dict[str, str]:
+        return {**settings, "caption": caption}
+
+    pending: dict[str, list[TextItem]] = {}  # distinct caption -> the images (without a valid file) using it
+    for item in items:
+        path = text_cache_path(item.image_path)
+        if not to_disk or read_cached_text(path, expected(item.caption), length) is None:
+            pending.setdefault(item.caption, []).append(item)
+    captions = list(pending)
+    by_caption: dict[str, CachedText] = {}
+    batch_size = max(1, batch_size)
+    bar = tqdm(total=len(captions), unit="caption", desc="caching text encoder outputs", disable=not progress)
+    with bar:
+        for start in range(0, len(captions), batch_size):
+            batch = captions[start : start + batch_size]
+            context, pooled = encode_captions(batch, tokenizers, encoders, max_token_length, weighted)
+            for row, caption in enumerate(batch):
+                entry = CachedText(context[row].clone(), pooled[row].clone())
+                if not (torch.isfinite(entry.context).all() and torch.isfinite(entry.pooled).all()):
+                    raise LorakitError(
+                        f"{pending[caption][0].image_path}: the text encoders produced NaN/inf outputs for its caption"
+                        f" {caption!r}; expected finite values (check the model file and the precision)"
+                    )
+                if to_disk:
+                    for item in pending[caption]:
+                        write_cached_text(text_cache_path(item.image_path), entry, expected(caption))
+                else:
+                    by_caption[caption] = entry
+            bar.update(len(batch))
+    return TextCache(items, by_caption, to_disk, length)
