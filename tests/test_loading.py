@@ -154,6 +154,7 @@ def test_vae_from_a_diffusers_folder_and_from_a_full_checkpoint(tiny_single_file
 # ---------------------------------------------------------------- hub ids (from the local cache)
 
 
+@pytest.mark.slow  # a fresh interpreter, so the hub settings apply from its first import
 def test_hub_id_loads_from_the_local_cache_and_fails_in_one_line_when_absent(tiny_diffusers_dir: Path,
                                                                              tmp_path: Path) -> None:
     snapshot = tmp_path / "hub" / "models--lorakit-test--tiny-sdxl" / "snapshots" / ("0" * 40)
@@ -213,6 +214,11 @@ class NotATensor:
 def test_missing_path(monkeypatch, capsys, tmp_path: Path) -> None:
     message = _cli_error(monkeypatch, capsys, tmp_path / "nope.safetensors")
     assert message.startswith(f"{tmp_path / 'nope.safetensors'}: no such file or folder")
+
+
+def test_missing_vae_is_reported_before_loading_the_model(monkeypatch, capsys, tmp_path: Path) -> None:
+    message = _cli_error(monkeypatch, capsys, tmp_path / "nope.safetensors", "--vae", tmp_path / "vae.safetensors")
+    assert message.startswith(f"--vae {tmp_path / 'vae.safetensors'}: no such file or folder")
 
 
 def test_folder_without_model_index(monkeypatch, capsys, tmp_path: Path) -> None:

@@ -38,6 +38,9 @@ def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, 
     checkpoint whose VAE is taken.
     """
     source = os.fspath(path)
+    if vae is not None and not os.path.exists(vae):  # before minutes of loading the main model
+        raise LorakitError(f"--vae {os.fspath(vae)}: no such file or folder; expected a VAE .safetensors file or a "
+                           "diffusers VAE folder")
     networks = [n for n in sdxl_networks() if vae is None or n.attribute != "vae"]
     if os.path.isdir(source):
         modules = _load_diffusers(source, networks, dtype, local_only=True)
@@ -65,9 +68,6 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tor
     if os.path.isdir(source):
         subfolder = network.subfolder if os.path.isfile(os.path.join(source, "model_index.json")) else None
         return _from_pretrained(network, source, subfolder, dtype, local_only=True)
-    if not os.path.isfile(source):
-        raise LorakitError(f"--vae {source}: no such file or folder; expected a VAE .safetensors file or a diffusers "
-                           "VAE folder")
     with CheckpointFile(source) as (shapes, read):
         prefix = vae_prefix(shapes)
         if prefix is None and any(key.startswith(VAE_PREFIX) for key in shapes):
@@ -114,7 +114,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """The tensors under `prefix`, keyed without it; each is read from the file and cast only when asked for."""
 
     def __init__(self, read: Reader, shapes: Mapping[str, tuple[int, ...]], prefix: str, dtype: torch.dtype):
-        self._read, self._keys, self._prefix, self._dtype = read, list(shapes), prefix, dtype
+        self._read, self._keys, self._prefix, self._dtype = read, dict.fromkeys(shapes), prefix, dtype
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
