@@ -188,3 +188,15 @@ def test_augmentations_that_need_fresh_pixels_are_refused(option):
     with pytest.raises(LorakitError, match=expected):
         check_latent_caching_allowed("datasets[0].subsets[1]", option == "color_aug", option == "random_crop")
     check_latent_caching_allowed("datasets[0].subsets[1]", False, False)
+
+
+def test_one_image_in_two_buckets_is_looked_up_by_item(vae, tmp_path):
+    image = _write_image(tmp_path / "a.png", (80, 64), seed=1)
+    small, large = _item(image), _item(image, buckets=[(128, 64), (64, 128)])
+    for to_disk in (False, True):
+        cache = cache_latents([small, large, small], vae, vae_identity="tiny-0", to_disk=to_disk, progress=False)
+        assert len(cache) == 2 and small in cache and image in cache
+        assert cache[small].latents.shape == (4, 8, 8) and cache[large].latents.shape == (4, 8, 16)
+        with pytest.raises(KeyError, match="2 buckets"):
+            cache[image]
+    assert cache_latents([small], vae, vae_identity="tiny-0", progress=False)[image].bucket == (64, 64)

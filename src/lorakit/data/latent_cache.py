@@ -146,7 +146,9 @@ def read_cached_latents(path: Path, expected: dict[str, str] | None, item: Laten
         )
     except (KeyError, ValueError):
         return None
-    if entry.bucket != tuple(item.bucket) or torch.isnan(latents).any():
+    if entry.bucket != tuple(item.bucket) or not torch.isfinite(latents).all():
+        return None
+    if flipped is not None and not torch.isfinite(flipped).all():
         return None
     return entry
 
@@ -221,28 +223,39 @@ def _check_finite(latents: torch.Tensor, item: LatentItem) -> None:
 
 
 class LatentCache:
-    """Cached latents by image path: held in memory, or read from their files on each access."""
+    """Cached latents, looked up by `LatentItem` or by image path: held in memory, or read from their files on
+    each access."""
 
-    def __init__(self, items: Sequence[LatentItem], entries: dict[Path, CachedLatents], to_disk: bool):
-        self._items = {item.image_path: item for item in items}
+    def __init__(self, items: Sequence[LatentItem], entries: dict[LatentItem, CachedLatents], to_disk: bool):
+        self._by_path: dict[Path, set[LatentItem]] = {}
+        for item in items:
+            self._by_path.setdefault(item.image_path, set()).add(item)
         self._entries = entries
         self.to_disk = to_disk
 
     def __len__(self) -> int:
-        return len(self._items)
+        return sum(len(items) for items in self._by_path.values())
 
-    def __contains__(self, image_path: object) -> bool:
-        return image_path in self._items
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, LatentItem):
+            return key in self._by_path.get(key.image_path, ())
+        return key in self._by_path
 
-    def __getitem__(self, image_path: Path) -> CachedLatents:
+    def __getitem__(self, key: Path | LatentItem) -> CachedLatents:
+        item = key if isinstance(key, LatentItem) else self._item_of(key)
         if not self.to_disk:
-            return self._entries[image_path]
-        item = self._items[image_path]
-        path = latent_cache_path(image_path, item.bucket)
+            return self._entries[item]
+        path = latent_cache_path(item.image_path, item.bucket)
         entry = read_cached_latents(path, None, item)
         if entry is None:
             raise LorakitError(f"{path}: latent cache file vanished or changed during training; rerun to re-cache it")
         return entry
+
+    def _item_of(self, image_path: Path) -> LatentItem:
+        items = self._by_path[image_path]
+        if len(items) > 1:
+            raise KeyError(f"{image_path} is cached in {len(items)} buckets; look it up by its LatentItem")
+        return next(iter(items))
 
 
 def cache_latents(
@@ -256,7 +269,8 @@ def cache_latents(
 ) -> LatentCache:
     """Encode every image that has no valid cache (all of them in memory mode), in batches of `batch_size`
     images of one bucket, largest buckets first; flipped copies are encoded alongside."""
-    entries: dict[Path, CachedLatents] = {}
+    items = list(dict.fromkeys(items))  # an image repeated (num_repeats, several subsets) is encoded once
+    entries: dict[LatentItem, CachedLatents] = {}
     todo: list[LatentItem] = []
     for item in items:
         if to_disk:
@@ -285,7 +299,7 @@ def cache_latents(
                         fingerprint(item, vae_identity, vae.dtype),
                     )
                 else:
-                    entries[item.image_path] = entry
+                    entries[item] = entry
             bar.update(len(batch))
     return LatentCache(items, entries, to_disk)
 
