@@ -27,6 +27,9 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from lorakit.config import TrainConfig
-from lorakit.data.dataset import BatchLoader, TrainBatch, TrainingData
+from lorakit.data.dataset import BatchLoader, Sample, TrainBatch, TrainingData
 from lorakit.data.discovery import load_datasets
 from lorakit.data.latent_cache import cache_latents, check_latent_caching_allowed, encode_pixels
 from lorakit.data.summary import dataset_summary
@@ -47,14 +50,21 @@ from lorakit.network.apply import merge_lora
 from lorakit.network.io import file_ranks, load_network_weights, read_lora, save_network
 from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.plugins import LORAKIT_MODULE, create_network
+from lorakit.train.interrupt import StopRequest, TrainingInterrupted, resume_command
+from lorakit.train.logs import MovingAverage, TrainingLog, epoch_logs, step_logs, validation_logs
 from lorakit.train.loss import LossOptions
 from lorakit.train.metadata import RunFacts, run_metadata, save_metadata
 from lorakit.train.noise import NoiseOptions, noise_schedule
 from lorakit.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_train_mode
 from lorakit.train.outputs import (OutputNames, last_epoch_to_remove, last_step_to_remove, prune,
                                    save_every_n_epochs_from_ratio, should_save_epoch, should_save_step)
+from lorakit.train.sample_prompts import load_sample_prompts
+from lorakit.train.sampling import generate_samples, should_sample
 from lorakit.train.schedulers import build_scheduler
+from lorakit.train.state import (TrainState, check_free_space, gather_strings, read_state, rng_json, set_rng_state,
+                                 state_bytes, write_state)
 from lorakit.train.step import StepOptions, TextEncoding, diffusion_loss, predict
+from lorakit.train.validation import should_validate, validation_loss, validation_timesteps
 
 logger = logging.getLogger("lorakit")
 
@@ -93,9 +103,12 @@ class NonFiniteLoss(LorakitError):
 
 def train(config: TrainConfig) -> TrainResult:
     # ------------------------------------------------------------------ data: every image scanned before any weights
-    seed = config.seed if config.seed is not None else random.randrange(2**32)
+    resumed = read_state(config.resume) if config.resume else None
+    seed = run_seed(config, resumed)
     datasets = load_datasets(dataclasses.asdict(config))
     data = TrainingData(datasets, seed)
+    validation_data = TrainingData(datasets, seed, validation=True)
+    prompts = load_sample_prompts(config.sample_prompts, config.sample_sampler) if config.sample_prompts else []
     if len(data) == 0:
         raise LorakitError("the datasets yield no batches: no training images were found (see the summary above)")
     if config.cache_latents:
@@ -130,7 +143,7 @@ def train(config: TrainConfig) -> TrainResult:
     vae.to(device)
     latents = None
     if config.cache_latents:
-        latents = cache_latents([s.latent_item() for s in data.all_samples()], vae,
+        latents = cache_latents([s.latent_item() for s in data.all_samples() + validation_data.all_samples()], vae,
                                 vae_identity=(components.vae_identity or components.identity).name,
                                 batch_size=config.vae_batch_size, to_disk=config.cache_latents_to_disk,
                                 progress=accelerator.is_main_process)
@@ -142,12 +155,20 @@ def train(config: TrainConfig) -> TrainResult:
                                max_token_length=config.max_token_length, weighted_captions=config.weighted_captions)
     cached_text = None
     if config.cache_text_encoder_outputs:
-        cached_text = cache_text(data, encode_text, weight_dtype)
+        cached_text = cache_text(data.all_samples() + validation_data.all_samples(), encode_text, weight_dtype)
+    # Once cached, the VAE and the text encoders are released, or parked on the CPU when sample images need them.
     if latents is not None:
-        vae = components.vae = None  # released: nothing else needs it during training
+        if prompts:
+            vae.to("cpu")
+        else:
+            vae = components.vae = None
     if cached_text is not None:
         text_encoders = [None, None]
-        components.text_encoder1 = components.text_encoder2 = None
+        if prompts:
+            components.text_encoder1.to("cpu")
+            components.text_encoder2.to("cpu")
+        else:
+            components.text_encoder1 = components.text_encoder2 = None
     gc.collect()
     unet.to(device)
     store_base_weights(config, unet, [t for t in text_encoders if t is not None], weight_dtype)
@@ -212,78 +233,220 @@ def train(config: TrainConfig) -> TrainResult:
     shared_metadata = run_metadata(config, facts, data, components.identity, components.vae_identity)
     save_dtype = DTYPES.get(config.save_precision) if config.save_precision else None
 
-    def save(path: Path, epoch: int, step: int) -> None:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    gas = config.gradient_accumulation_steps
+    if resumed is not None:
+        restore(resumed, network, optimizer, lr_scheduler, rank)
+    start = start_position(config, plan, resumed)
+    if resumed is None and start.global_step:
+        advance_scheduler(lr_scheduler, start.global_step)
+    log = TrainingLog.from_config(config, enabled=accelerator.is_main_process)
+    moving = MovingAverage(plan.batches_per_epoch)
+    epoch_losses: list[float] = []
+    if resumed is not None and start.global_step == resumed.global_step:
+        moving.load_state_dict(resumed.progress["moving_average"])
+        epoch_losses = list(resumed.progress["epoch_losses"]) if start.batches_done else []
+    global_step, losses = start.global_step, []
+    position = (start.epoch, start.batches_done, False)  # (epoch, batches done in it, epoch-end work done)
+
+    def progress_of(epoch: int, batches_done: int, epoch_finished: bool) -> dict:
+        return {"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
+                "epoch_finished": epoch_finished, "seed": seed, "num_processes": world,
+                "max_train_steps": plan.max_train_steps, "moving_average": moving.state_dict(),
+                "epoch_losses": [] if epoch_finished else list(epoch_losses)}
+
+    def save(path: Path, epoch: int, step: int, progress: dict | None = None) -> Path | None:
+        """The LoRA file (main process) and, given the loop's `progress`, its state folder (with every rank's
+        RNG states). Every process calls it."""
+        rng = gather_strings(rng_json(), _all_gather if world > 1 else None) if progress is not None else None
+        state_dir = names.state_dir(path) if progress is not None else None
+        if accelerator.is_main_process:
+            needed = lora_bytes(network, save_dtype) + (state_bytes(network, optimizer) if progress else 0)
+            check_free_space(path.parent, needed, path.name + (" and its state" if progress else ""))
+            if built.schedule_free:
+                optimizer_eval_mode(optimizer)
+            metadata = save_metadata(shared_metadata, steps=step, epoch=epoch, no_metadata=config.no_metadata)
+            save_network_file(network, path, save_dtype, metadata)
+            if built.schedule_free:
+                optimizer_train_mode(optimizer)
+            logger.info("saved %s", path)
+            if state_dir is not None:
+                write_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, rng=rng,
+                            progress=progress)
+                logger.info("saved state %s", state_dir)
+        accelerator.wait_for_everyone()
+        return state_dir
+
+    def sample(step: int, epoch: int | None) -> None:
+        """Sample images from the live modules (main process); parked text encoders visit the device."""
+        if accelerator.is_main_process:
+            encoders = [components.text_encoder1, components.text_encoder2]
+            parked = [e for e in encoders if next(e.parameters()).device != torch.device(device)]
+            for encoder in parked:
+                encoder.to(device)
+            try:
+                result = generate_samples(unet, components.vae, *encoders, components.tokenizer1,
+                                          components.tokenizer2, prompts, names.output_dir, config.output_name, step,
+                                          epoch, v_parameterization=config.v_parameterization, device=device,
+                                          dtype=weight_dtype, network=network)
+            finally:
+                for encoder in parked:
+                    encoder.to("cpu")
+            log.log_images(result.images, step)
+        accelerator.wait_for_everyone()
+
+    validation_batches = None
+    if validation_data.images():
+        validation_batches = BatchLoader(
+            shard(validation_data.epoch_batches(1), rank, world), seed=seed, epoch=1, step_of_batch=lambda i: 0,
+            max_train_steps=plan.max_train_steps, latents=latents, text=cached_text, masked_loss=config.masked_loss)
+    timesteps = validation_timesteps(step_options.noise.min_timestep, step_options.noise.max_timestep)
+
+    def validate(kind: str) -> None:
+        def loss_of(batch: TrainBatch, options: StepOptions, generator: torch.Generator) -> torch.Tensor:
+            with accelerator.autocast():
+                return batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
+                                  train_text_encoder=False, options=options, generator=generator, config=config,
+                                  device=device)
+
+        total, count = validation_loss(
+            (validation_batches[i] for i in range(len(validation_batches))), loss_of, step_options, timesteps,
+            config.validation_seed if config.validation_seed is not None else seed, network,
+            config.max_validation_steps)
+        if world > 1:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(sums)
+            total, count = sums.tolist()
+        log.log(validation_logs(kind, total / max(count, 1), moving.average), global_step)
+
+    def rotate(kind: str) -> None:
+        if kind == "step":
+            every, files = config.save_every_n_steps, names.step_files()
+            last, last_state = (last_step_to_remove(global_step, every, n)
+                                for n in (config.save_last_n_steps, config.save_last_n_steps_state))
+        else:
+            every, files = save_every_n_epochs, names.epoch_files()
+            last, last_state = (last_epoch_to_remove(position[0], every, n)
+                                for n in (config.save_last_n_epochs, config.save_last_n_epochs_state))
         if not accelerator.is_main_process:
             return
-        if built.schedule_free:
-            optimizer_eval_mode(optimizer)
-        metadata = save_metadata(shared_metadata, steps=step, epoch=epoch, no_metadata=config.no_metadata)
-        save_network_file(network, path, save_dtype, metadata)
-        if built.schedule_free:
-            optimizer_train_mode(optimizer)
-        logger.info("saved %s", path)
+        prune(files, last, names, with_states=config.save_last_n_steps_state is None if kind == "step" else
+              config.save_last_n_epochs_state is None)
+        for number, folder in existing_states(names, kind).items():
+            if last_state is not None and number <= last_state:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def interrupted(path: Path, state_dir: Path) -> TrainingInterrupted:
+        command = resume_command(sys.argv, state_dir)
+        message = (f"interrupted after step {global_step}: saved {path} and {state_dir}\n"
+                   f"resume with:\n  {command}")
+        if accelerator.is_main_process:
+            print(message, flush=True)
+        return TrainingInterrupted(message)
 
     # ------------------------------------------------------------------ the loop
-    generator = torch.Generator("cpu").manual_seed(seed)
-    global_step, losses = 0, []
-    progress = tqdm(total=plan.max_train_steps, desc="steps", disable=not accelerator.is_main_process,
-                    dynamic_ncols=True)
+    progress = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    if prompts and should_sample("first", global_step=global_step, epoch=start.epoch - 1,
+                                 at_first=config.sample_at_first, every_n_steps=config.sample_every_n_steps,
+                                 every_n_epochs=config.sample_every_n_epochs):
+        sample(global_step, None)
     network.train()
-    for epoch in range(1, plan.num_epochs + 1):
-        batches = shard(data.epoch_batches(epoch), accelerator.process_index, accelerator.num_processes)
-        steps_at_epoch_start = global_step
-        loader = torch.utils.data.DataLoader(
-            BatchLoader(batches, seed=seed, epoch=epoch, max_train_steps=plan.max_train_steps,
-                        step_of_batch=lambda i: steps_at_epoch_start + i // config.gradient_accumulation_steps,
-                        latents=latents, text=cached_text, masked_loss=config.masked_loss),
-            batch_size=None, num_workers=data_loader_workers(config),
-            persistent_workers=False)
-        epoch_losses = []
-        for batch_index, batch in enumerate(loader):
-            with accelerator.autocast():
-                loss = batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
-                                  train_text_encoder=train_text_encoder and cached_text is None,
-                                  options=step_options, generator=generator, config=config, device=device)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} at step {global_step + 1} (epoch {epoch}); images of the batch: "
-                    f"{', '.join(str(p) for p in batch.paths)}. Try --no_half_vae, a lower learning rate, or bf16 "
-                    f"instead of fp16. Files saved so far are intact.")
-            (loss / config.gradient_accumulation_steps).backward()
-            epoch_losses.append(loss.item())
-            is_sync = (batch_index + 1) % config.gradient_accumulation_steps == 0 or batch_index + 1 == len(loader)
-            if not is_sync:
-                continue
-            average_gradients(params, accelerator)
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if config.scale_weight_norms and isinstance(network, LoRANetwork):
-                network.apply_max_norm_regularization(config.scale_weight_norms, device)
-            global_step += 1
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
-                                 avg=f"{sum(epoch_losses) / len(epoch_losses):.4f}",
-                                 lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            if should_save_step(global_step, config.save_every_n_steps) and global_step < plan.max_train_steps:
-                save(names.step_file(global_step), epoch - 1, global_step)
-                prune(names.step_files(), last_step_to_remove(global_step, config.save_every_n_steps,
-                                                              config.save_last_n_steps), names, with_states=True)
-            if global_step >= plan.max_train_steps:
-                break
-        if should_save_epoch(epoch, plan.num_epochs, save_every_n_epochs):
-            save(names.epoch_file(epoch), epoch, global_step)
-            prune(names.epoch_files(), last_epoch_to_remove(epoch, save_every_n_epochs, config.save_last_n_epochs),
-                  names, with_states=True)
-        if global_step >= plan.max_train_steps:
-            break
-    progress.close()
-    final = names.final_file()
-    save(final, plan.num_epochs, global_step)
-    accelerator.wait_for_everyone()
+    try:
+        with StopRequest() as stop:
+            for epoch in range(start.epoch, plan.num_epochs + 1):
+                if global_step >= plan.max_train_steps:
+                    break
+                first_batch = start.batches_done if epoch == start.epoch else 0
+                if not first_batch:
+                    epoch_losses = []
+                batches = shard(data.epoch_batches(epoch), rank, world)
+                steps_at_epoch_start = global_step - first_batch // gas
+                loader = torch.utils.data.DataLoader(
+                    BatchLoader(batches, seed=seed, epoch=epoch, max_train_steps=plan.max_train_steps,
+                                step_of_batch=lambda i: steps_at_epoch_start + i // gas, latents=latents,
+                                text=cached_text, masked_loss=config.masked_loss, first_batch=first_batch),
+                    batch_size=None, num_workers=data_loader_workers(config), persistent_workers=False)
+                for batch_index, batch in enumerate(loader, start=first_batch):
+                    generator = batch_generator(seed, epoch, batch_index * world + rank)
+                    with accelerator.autocast():
+                        loss = batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
+                                          train_text_encoder=train_text_encoder and cached_text is None,
+                                          options=step_options, generator=generator, config=config, device=device)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(
+                            f"loss is {loss.item()} at step {global_step + 1} (epoch {epoch}); images of the batch: "
+                            f"{', '.join(str(p) for p in batch.paths)}. Try --no_half_vae, a lower learning rate, "
+                            f"or bf16 instead of fp16. Files saved so far are intact.")
+                    (loss / gas).backward()
+                    epoch_losses.append(loss.item())
+                    moving.add(loss.item())
+                    if (batch_index + 1) % gas and batch_index + 1 < len(batches):
+                        continue
+                    average_gradients(params, accelerator)
+                    if config.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    max_norm = None
+                    if config.scale_weight_norms and isinstance(network, LoRANetwork):
+                        max_norm = network.apply_max_norm_regularization(config.scale_weight_norms, device)
+                    global_step += 1
+                    position = (epoch, batch_index + 1, False)
+                    losses.append(loss.item())
+                    progress.update(1)
+                    progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", avg=f"{moving.average:.4f}",
+                                         lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                    log.log(step_logs(loss.item(), moving.average, lr_scheduler.get_last_lr(), group_names,
+                                      optimizer.param_groups, max_norm), global_step)
+                    stop_now = stop_requested(stop, world, device) and global_step < plan.max_train_steps
+                    step_save = (should_save_step(global_step, config.save_every_n_steps)
+                                 and global_step < plan.max_train_steps)
+                    if step_save or stop_now:
+                        path = names.step_file(global_step)
+                        state_dir = save(path, epoch - 1, global_step,
+                                         progress_of(*position) if config.save_state or stop_now else None)
+                        if step_save:
+                            rotate("step")
+                        if stop_now:
+                            raise interrupted(path, state_dir)
+                    if prompts and should_sample("step", global_step=global_step, epoch=epoch,
+                                                 at_first=config.sample_at_first,
+                                                 every_n_steps=config.sample_every_n_steps,
+                                                 every_n_epochs=config.sample_every_n_epochs):
+                        sample(global_step, None)
+                    if validation_batches is not None and should_validate(
+                            "step", global_step=global_step, epoch=epoch,
+                            every_n_steps=config.validate_every_n_steps, every_n_epochs=None):
+                        validate("step")
+                    if global_step >= plan.max_train_steps:
+                        break
+                if epoch_losses:
+                    log.log(epoch_logs(sum(epoch_losses) / len(epoch_losses)), global_step)
+                # Finished, unless --max_train_steps ended it early (then a resumed longer run goes on from there).
+                position = (epoch, position[1], position[:2] == (epoch, len(batches)))
+                if should_save_epoch(epoch, plan.num_epochs, save_every_n_epochs):
+                    save(names.epoch_file(epoch), epoch, global_step,
+                         progress_of(*position) if config.save_state else None)
+                    rotate("epoch")
+                if validation_batches is not None and should_validate(
+                        "epoch", global_step=global_step, epoch=epoch, every_n_steps=None,
+                        every_n_epochs=config.validate_every_n_epochs):
+                    validate("epoch")
+                if prompts and should_sample("epoch", global_step=global_step, epoch=epoch,
+                                             at_first=config.sample_at_first,
+                                             every_n_steps=config.sample_every_n_steps,
+                                             every_n_epochs=config.sample_every_n_epochs):
+                    sample(global_step, epoch)
+            final = names.final_file()
+            save(final, plan.num_epochs, global_step,
+                 progress_of(*position) if config.save_state or config.save_state_on_train_end else None)
+    finally:
+        progress.close()
+        if accelerator.is_main_process:
+            log.write_curves(names.output_dir / f"{config.output_name or 'last'}_curves.png")
+        log.close()
     logger.info("training finished: %d steps, final LoRA %s (groups: %s)", global_step, final,
                 ", ".join(group_names))
     return TrainResult(final if accelerator.is_main_process else None, global_step, losses)
@@ -338,13 +501,13 @@ def encode_latents(vae, pixels: torch.Tensor, vae_batch_size: int, generator: to
 
 
 @torch.no_grad()
-def cache_text(data: TrainingData, encode_text: TextEncoding, dtype: torch.dtype):
+def cache_text(samples: list[Sample], encode_text: TextEncoding, dtype: torch.dtype):
     """Text-encoder outputs of every processed caption, computed once; returns a lookup for batches."""
     from lorakit.data.captions import process_caption, randomising_option
     from lorakit.data.dataset import caption_options
 
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for sample in data.all_samples():
+    for sample in samples:
         record = sample.record
         options = caption_options(record)
         option = randomising_option(record.caption, options)
@@ -527,3 +690,120 @@ def memory_estimate(config: TrainConfig) -> str:
     gib = (unet + text + vae) / 2**30
     return (f"memory estimate: about {gib:.1f} GiB of frozen weights resident during training "
             f"(U-Net {unet / 2**30:.1f}, text encoders {text / 2**30:.1f}, VAE {vae / 2**30:.1f}), plus activations")
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+
+
+@dataclass(frozen=True)
+class StartPosition:
+    global_step: int  # optimizer steps already done (absolute)
+    epoch: int  # 1-based epoch the loop starts in
+    batches_done: int  # batches of that epoch already consumed (per process)
+
+
+def run_seed(config: TrainConfig, resumed: TrainState | None) -> int:
+    """--seed, or a resumed state's seed (the batch order and every batch's noise derive from it)."""
+    if resumed is not None:
+        seed = int(resumed.progress["seed"])
+        if config.seed is not None and config.seed != seed:
+            logger.warning("--seed %d differs from the resumed state's seed %d; using the state's", config.seed, seed)
+        return seed
+    return config.seed if config.seed is not None else random.randrange(2**32)
+
+
+def start_position(config: TrainConfig, plan: StepPlan, resumed: TrainState | None) -> StartPosition:
+    """Where the loop starts: a resumed state's exact position, or --initial_step / --initial_epoch (which win).
+
+    --initial_step S is absolute: the run counts steps (names, `ss_steps`, the LR schedule, --max_train_steps)
+    from S and starts in epoch S // steps_per_epoch + 1 — from that epoch's first batch, or, with
+    --skip_until_initial_step, from the batch step S would have drawn. --initial_epoch E means S = (E-1) ×
+    steps_per_epoch.
+    """
+    if config.initial_step is not None or config.initial_epoch is not None:
+        if config.initial_step is not None:
+            step = config.initial_step
+        else:
+            if config.initial_epoch < 1:
+                raise LorakitError(f"--initial_epoch {config.initial_epoch}: epochs count from 1")
+            step = (config.initial_epoch - 1) * plan.steps_per_epoch
+        if step < 0:
+            raise LorakitError(f"--initial_step {step}: expected 0 or more")
+        within = step % plan.steps_per_epoch
+        batches = within * config.gradient_accumulation_steps if config.skip_until_initial_step else 0
+        return StartPosition(step, step // plan.steps_per_epoch + 1, batches)
+    if resumed is None:
+        return StartPosition(0, 1, 0)
+    progress = resumed.progress
+    if progress["epoch_finished"]:
+        return StartPosition(resumed.global_step, int(progress["epoch"]) + 1, 0)
+    return StartPosition(resumed.global_step, int(progress["epoch"]), int(progress["batches_done"]))
+
+
+def restore(state: TrainState, network, optimizer, lr_scheduler, rank: int) -> None:
+    """Network weights, optimizer, LR schedule and this rank's RNG states from a state folder."""
+    try:
+        network.load_state_dict(state.network)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise LorakitError(f"--resume: the state's network does not match this run's (check --network_dim, "
+                           f"--network_args and the trained parts): {detail}") from None
+    try:
+        optimizer.load_state_dict(state.optimizer)
+    except (ValueError, KeyError) as error:
+        raise LorakitError(f"--resume: the state's optimizer does not match this run's (--optimizer_type, "
+                           f"learning rates): {error}") from None
+    lr_scheduler.load_state_dict(state.scheduler)
+    if rank >= len(state.rng):
+        logger.warning("--resume: the state was saved by %d processes; rank %d starts from rank 0's RNG states",
+                       len(state.rng), rank)
+    set_rng_state(state.rng[rank if rank < len(state.rng) else 0])
+
+
+def advance_scheduler(lr_scheduler, steps: int) -> None:
+    """Move the LR schedule to --initial_step without optimizer steps."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*lr_scheduler.step", UserWarning)
+        for _ in range(steps):
+            lr_scheduler.step()
+
+
+def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The generator of one batch's noise, timesteps and on-the-fly VAE samples, seeded by its place in the run
+    (global batch index across processes): a resumed run, or N processes, draw what one uninterrupted run does."""
+    return torch.Generator("cpu").manual_seed(random.Random(f"lorakit-noise-{seed}-{epoch}-{batch_index}")
+                                              .getrandbits(63))
+
+
+def lora_bytes(network: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    return sum(t.numel() * (dtype.itemsize if dtype else t.element_size()) for t in network.state_dict().values())
+
+
+def existing_states(names: OutputNames, kind: str) -> dict[int, Path]:
+    """State folders of step or epoch checkpoints present in the output folder, by number."""
+    if kind == "step":
+        pattern = re.compile(re.escape(names.output_name or "at") + r"-step(\d{8})-state$")
+    else:
+        pattern = re.compile(re.escape(names.output_name or "epoch") + r"-(\d{6})-state$")
+    if not names.output_dir.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in names.output_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name))}
+
+
+def stop_requested(stop: StopRequest, world: int, device) -> bool:
+    """Whether any process was asked to stop (all processes must stop after the same step)."""
+    if world == 1:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = tensor.to(device)
+    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, tensor)
+    return [t.cpu() for t in gathered]
