@@ -113,7 +113,7 @@ def test_should_sample(when, step, epoch, at_first, n_steps, n_epochs, expected)
 
 
 def test_sampling_point_writes_names_images_and_contact_sheet(components, tmp_path) -> None:
-    prompts = [SamplePrompt("a red cube", "blurry", width=64, height=64, steps=2, seed=7),
+    prompts = [SamplePrompt("a red cube", "blurry", width=64, height=64, steps=1, seed=7),
                SamplePrompt("a blue sphere on a table", width=64, height=96, steps=2, sampler="euler_a")]
     result = sample(components, prompts, tmp_path)
     folder = tmp_path / "sample"
@@ -134,11 +134,15 @@ def test_sampling_point_writes_names_images_and_contact_sheet(components, tmp_pa
     x, y = 8 + (CONTACT_MIN_WIDTH - 64) // 2, 8 + (96 - 64) // 2
     assert (np.asarray(sheet)[y:y + 64, x:x + 64] == pixels(result.images[0])).all()
 
-    # The recorded seed re-makes the random-seed image exactly; epoch points use e{epoch:06d} names.
+    # The recorded seed re-makes the random-seed image exactly, and another seed makes another image;
+    # epoch points use e{epoch:06d} names.
+    seed = result.seeds[1]
     again = sample(components, [SamplePrompt("a blue sphere on a table", width=64, height=96, steps=2,
-                                             sampler="euler_a", seed=result.seeds[1])], tmp_path, None, 99, epoch=3)
-    assert re.fullmatch(rf"e000003_00_\d{{14}}_{result.seeds[1]}\.png", again.images[0].name)
+                                             sampler="euler_a", seed=s) for s in (seed, seed + 1)],
+                   tmp_path, None, 99, epoch=3)
+    assert re.fullmatch(rf"e000003_00_\d{{14}}_{seed}\.png", again.images[0].name)
     assert (pixels(again.images[0]) == pixels(result.images[1])).all()
+    assert not (pixels(again.images[1]) == pixels(result.images[1])).all()
 
 
 def test_sampling_leaves_rng_streams_and_modes_alone(components, tmp_path) -> None:
@@ -158,9 +162,8 @@ def test_sampling_leaves_rng_streams_and_modes_alone(components, tmp_path) -> No
         torch.manual_seed(123), random.seed(123), np.random.seed(123)
         expected = draws()
         torch.manual_seed(123), random.seed(123), np.random.seed(123)
-        sample(components, [SamplePrompt("x", width=64, height=64, steps=2),
-                            SamplePrompt("y", width=64, height=64, steps=2, seed=3, sampler="k_euler_a")],
-               tmp_path, epoch=1)
+        sample(components, [SamplePrompt("x", width=64, height=64, steps=1, sampler="k_euler_a")], tmp_path,
+               epoch=1)
         assert draws() == expected
         assert c.unet.training and not c.unet.conv_in.training and c.unet.mid_block.training
         assert not c.vae.training and not c.text_encoder1.training
@@ -190,3 +193,15 @@ def test_lora_stays_applied_and_its_dropout_is_off(components, tmp_path) -> None
         network.detach()
     assert (pixels(trained.images[0]) == pixels(evaluated.images[0])).all()  # dropout was off
     assert not (pixels(trained.images[0]) == pixels(base.images[0])).all()  # the LoRA changed the image
+
+
+def test_words_past_75_tokens_count_and_autocast_runs(components, tmp_path) -> None:
+    """Prompts are encoded in up to three 75-token chunks, like the reference's long-prompt pipeline."""
+    words = ", ".join(f"word{i}" for i in range(40))  # about 120 tokens
+    first = sample(components, [SamplePrompt(words + ", red", width=64, height=64, steps=2, seed=1)], tmp_path / "a")
+    second = sample(components, [SamplePrompt(words + ", blue", width=64, height=64, steps=2, seed=1)],
+                    tmp_path / "b")
+    assert not (pixels(first.images[0]) == pixels(second.images[0])).all()
+    bf16 = sample(components, [SamplePrompt("x", width=64, height=64, steps=1, seed=1)], tmp_path / "c",
+                  dtype=torch.bfloat16)
+    assert Image.open(bf16.images[0]).size == (64, 64)

@@ -186,7 +186,7 @@ def _generate(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2, p
 
 def _token_budget(tokenizer, texts: Sequence[str]) -> int:
     """75, 150 or 225: enough 75-token chunks for the longest text (prompt and negative share a length)."""
-    longest = max(len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts)
+    longest = max(len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) for text in texts)
     return CHUNK_TOKENS * min(MAX_CHUNKS, max(1, math.ceil(longest / CHUNK_TOKENS)))
 
 
