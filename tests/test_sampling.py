@@ -195,13 +195,14 @@ def test_lora_stays_applied_and_its_dropout_is_off(components, tmp_path) -> None
     assert not (pixels(trained.images[0]) == pixels(base.images[0])).all()  # the LoRA changed the image
 
 
-def test_words_past_75_tokens_count_and_autocast_runs(components, tmp_path) -> None:
-    """Prompts are encoded in up to three 75-token chunks, like the reference's long-prompt pipeline."""
+def test_long_and_weighted_prompts_and_autocast(components, tmp_path) -> None:
+    """Prompts are encoded in up to three 75-token chunks, like the reference's long-prompt pipeline, and
+    A1111 weights change the conditioning."""
     words = ", ".join(f"word{i}" for i in range(40))  # about 120 tokens
-    first = sample(components, [SamplePrompt(words + ", red", width=64, height=64, steps=2, seed=1)], tmp_path / "a")
-    second = sample(components, [SamplePrompt(words + ", blue", width=64, height=64, steps=2, seed=1)],
-                    tmp_path / "b")
-    assert not (pixels(first.images[0]) == pixels(second.images[0])).all()
-    bf16 = sample(components, [SamplePrompt("x", width=64, height=64, steps=1, seed=1)], tmp_path / "c",
+    made = sample(components, [SamplePrompt(words + text, width=64, height=64, steps=2, seed=1)
+                               for text in (", red", ", blue", ", (blue:1.6)")], tmp_path)
+    red, blue, weighted = (pixels(path) for path in made.images)
+    assert not (red == blue).all() and not (blue == weighted).all()
+    bf16 = sample(components, [SamplePrompt("x", width=64, height=64, steps=1, seed=1)], tmp_path / "bf16",
                   dtype=torch.bfloat16)
     assert Image.open(bf16.images[0]).size == (64, 64)

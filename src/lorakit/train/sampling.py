@@ -3,7 +3,9 @@
 Images come from diffusers' `StableDiffusionXLPipeline` assembled around the live training modules: nothing is
 copied, and the LoRA stays applied because its forward hooks sit on those very modules. Prompts are encoded the
 way training encodes captions (`lorakit.models.text_encoding`: penultimate states, TE2's pooled vector, up to
-three 75-token chunks like the reference's long-prompt pipeline); prompt weighting `(word:1.2)` is not parsed.
+three 75-token chunks like the reference's long-prompt pipeline), with A1111 prompt weights `(word:1.2)`, `[word]`
+applied to the hidden states as `--weighted_captions` does (the reference's pipeline also rescales them to keep
+their mean; lorakit does not).
 
 Sampling leaves training exactly as it was: the python, numpy and torch (CPU and CUDA) RNG states are restored,
 every module's train/eval flag is restored, and each prompt draws from its own `torch.Generator`.
@@ -48,7 +50,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
-from lorakit.models.text_encoding import encode_tokens, tokenize
+from lorakit.data.weighted_captions import plain_text, weighted_tokens
+from lorakit.models.text_encoding import encode_tokens
 from lorakit.train.sample_prompts import SamplePrompt
 
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler config. The reference builds its samplers with diffusers'
@@ -167,8 +170,9 @@ def _generate(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2, p
     pipeline.set_progress_bar_config(disable=True)
     max_tokens = _token_budget(tokenizer1, [prompt.prompt, prompt.negative_prompt])
     texts = [prompt.prompt, prompt.negative_prompt]
-    context, pooled = encode_tokens(text_encoder1, text_encoder2, tokenize(tokenizer1, texts, max_tokens),
-                                    tokenize(tokenizer2, texts, max_tokens))
+    tokens1, weights1 = weighted_tokens(tokenizer1, texts, max_tokens)
+    tokens2, weights2 = weighted_tokens(tokenizer2, texts, max_tokens)
+    context, pooled = encode_tokens(text_encoder1, text_encoder2, tokens1, tokens2, weights1, weights2)
     context, pooled = context.to(device), pooled.to(device)
     # A CPU generator gives the same starting noise for a seed on any device.
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -186,7 +190,8 @@ def _generate(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2, p
 
 def _token_budget(tokenizer, texts: Sequence[str]) -> int:
     """75, 150 or 225: enough 75-token chunks for the longest text (prompt and negative share a length)."""
-    longest = max(len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) for text in texts)
+    longest = max(len(tokenizer(plain_text(text), add_special_tokens=False, verbose=False).input_ids)
+                  for text in texts)
     return CHUNK_TOKENS * min(MAX_CHUNKS, max(1, math.ceil(longest / CHUNK_TOKENS)))
 
 
