@@ -69,7 +69,8 @@ def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float) -> 
     if unet is not None:
         state = to_sgm_names(state, unet)
     network = network_from_file(unet, [te1, te2], state, path, multiplier=multiplier)
-    network.load_state_dict({k: v for k, v in state.items() if k in network.state_dict()}, strict=False)
+    own = network.state_dict().keys()
+    network.load_state_dict({key: value for key, value in state.items() if key in own}, strict=False)
     reference = next((m for m in (unet, te1, te2) if m is not None))
     parameter = next(reference.parameters())
     network.to(parameter.device)
