@@ -48,9 +48,9 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from lorakit.data.weighted_captions import plain_text, weighted_tokens
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
-from lorakit.data.weighted_captions import plain_text, weighted_tokens
 from lorakit.models.text_encoding import encode_tokens
 from lorakit.train.sample_prompts import SamplePrompt
 
