@@ -8,9 +8,11 @@ import sys
 
 from lorakit.errors import LorakitError
 
-# name: (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`.
-# Modules are imported only for the command that runs, so `lorakit --help` stays fast.
+# name: (module, one-line help). Each module has `add_arguments(parser)` and `run(args) -> int`, or parses its
+# own arguments in `main(argv, prog) -> int`. Modules are imported only for the command that runs.
 SUBCOMMANDS = {
+    "train": ("lorakit.train.cli", "train a LoRA with sdxl_train_network.py's flags (lorakit train --help)"),
+    "demo": ("lorakit.train.demo", "train a LoRA on a tiny random SDXL model and synthetic images (about a minute)"),
     "random-model": ("lorakit.testing.cli", "write a random-weight SDXL-architecture model (tiny or full)"),
     "inspect": ("lorakit.network.inspect", "summarise a LoRA file (modules, ranks, alphas, metadata) or a checkpoint"),
 }
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     top = parser.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
     module_name, help_text = SUBCOMMANDS[top.command]
     module = importlib.import_module(module_name)
+    if hasattr(module, "main"):
+        return module.main(argv[1:], prog=f"lorakit {top.command}")
     sub = argparse.ArgumentParser(prog=f"lorakit {top.command}", description=help_text)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
