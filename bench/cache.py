@@ -1,7 +1,7 @@
 """Latent-caching throughput: `cache_latents` with the tiny and the full-size SDXL VAE (random weights).
 
     PYTHONPATH=src python bench/cache.py [--sizes tiny full] [--images 8] [--resolution 256] [--dtype bf16]
-                                         [--batch-sizes 1 4] [--runs 3]
+                                         [--batch-sizes 1 4] [--runs 3] [--threads N]
 
 Synthetic PNG images slightly larger than `resolution`² (so each is decoded, resized and cropped as in training)
 are cached in memory, as a run with `--cache_latents` does; each (VAE, batch size) pair is run once to warm up
@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as folder:
