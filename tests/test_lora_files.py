@@ -19,6 +19,7 @@ from lorakit.hashing import safetensors_tensor_data, sshs_legacy_hash
 from lorakit.models.unet import unet_module_paths
 from lorakit.network import (LoRANetwork, apply_lora, build_modelspec, build_network, load_network_weights,
                              merge_lora, network_from_file, read_lora, remove_lora, save_network)
+from lorakit.network.apply import to_sgm_names
 from lorakit.network.io import DATASET_CONFIG_METADATA_KEYS, MODEL_HASH_METADATA_KEYS, TRAINER_METADATA_KEYS
 from lorakit.network.plugins import create_network
 from lorakit.testing.random_models import random_components, write_single_file
@@ -55,10 +56,14 @@ def assert_outputs_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert (a[key] - b[key]).abs().max() <= atol, key
 
 
+def fresh_models(tiny):
+    return tuple(copy.deepcopy(m) for m in (tiny.unet, tiny.text_encoder1, tiny.text_encoder2))
+
+
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """(models, network, path): a LoRA with conv layers trained 2 steps on copies of the tiny model, saved."""
-    unet, te1, te2 = (copy.deepcopy(m).requires_grad_(False) for m in (tiny.unet, tiny.text_encoder1, tiny.text_encoder2))
+    unet, te1, te2 = (m.requires_grad_(False) for m in fresh_models(tiny))
     network = build_network(unet, [te1, te2], network_dim=4, network_alpha=2, network_args=NETWORK_ARGS)
     network.attach()
     groups = network.parameter_groups(unet_lr=5e-2, text_encoder1_lr=5e-2, text_encoder2_lr=5e-2, learning_rate=None)
@@ -139,10 +144,6 @@ def test_metadata_hand_over_covers_every_key_of_the_reference_file(trained, tmp_
     assert set(reference["metadata"]) <= set(read_lora(path)[1])
 
 
-def fresh_models(tiny):
-    return tuple(copy.deepcopy(m) for m in (tiny.unet, tiny.text_encoder1, tiny.text_encoder2))
-
-
 def test_network_weights_load_into_a_fresh_network_and_take_the_files_alpha(tiny, trained, caplog):
     (unet, te1, te2), network, path = trained
     models = fresh_models(tiny)
@@ -161,9 +162,9 @@ def test_foreign_lora_files_are_refused_in_one_line(tiny, tmp_path):
     unet = copy.deepcopy(tiny.unet)
     network = build_network(unet, [], network_dim=4)
     sd15 = tmp_path / "sd15.safetensors"  # SD 1.x uses 1x1-conv proj_in: same name, other shape
-    safetensors.torch.save_file({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64, 1, 1),
-                                 "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 4, 1, 1)},
-                                sd15)
+    name = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    safetensors.torch.save_file({f"{name}.lora_down.weight": torch.zeros(4, 64, 1, 1),
+                                 f"{name}.lora_up.weight": torch.zeros(64, 4, 1, 1)}, sd15)
     with pytest.raises(LorakitError, match=r"input_blocks_4_1_proj_in.lora_down.weight has shape \(4, 64, 1, 1\)"):
         load_network_weights(network, sd15, unet=unet)
     te_only = tmp_path / "te.safetensors"
@@ -191,15 +192,13 @@ def test_dim_from_weights_rebuilds_mixed_ranks_and_conv_layers(tiny, tmp_path):
     for name, tensors_of in (("sgm", tensors), ("diffusers", to_diffusers_names(tensors, unet))):
         path = tmp_path / f"{name}.safetensors"
         safetensors.torch.save_file(tensors_of, path)
-        from lorakit.network.apply import to_sgm_names
-
         rebuilt = network_from_file(unet, [te1, te2], to_sgm_names(read_lora(path)[0], unet), path)
         shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
         assert shapes == {k: tuple(v.shape) for k, v in tensors.items()}, name
     ranks = {lora.rank for lora in rebuilt.loras}
     assert ranks == {2, 3, 4, 6}
     assert any(lora.lora_down.weight.shape[-1] == 3 for lora in rebuilt.loras)
-    assert name == "diffusers" and any(k.startswith("lora_unet_down_blocks_") for k in to_diffusers_names(tensors, unet))
+    assert any(key.startswith("lora_unet_down_blocks_") for key in to_diffusers_names(tensors, unet))
 
 
 def test_apply_lora_reproduces_the_network_and_reapplying_replaces(tiny, trained, tmp_path):

@@ -84,7 +84,8 @@ def test_zero_block_dims_drop_those_blocks(full_models):
     dims = [8] * 23
     dims[5] = dims[8] = 0  # input_blocks 4 and 7 (the first transformer of each attention level)
     dims[14] = 16
-    network = build_network(unet, [], network_dim=8, network_alpha=4, network_args={"block_dims": ",".join(map(str, dims))})
+    network = build_network(unet, [], network_dim=8, network_alpha=4,
+                            network_args={"block_dims": ",".join(map(str, dims))})
     names = [lora.lora_name for lora in network.loras]
     assert not any(n.startswith(("lora_unet_input_blocks_4_", "lora_unet_input_blocks_7_")) for n in names)
     assert len(names) == 722 - (2 + 2 * 10) - (2 + 10 * 10)  # proj_in/out + 10 per transformer block
@@ -159,8 +160,8 @@ def test_bad_network_args_name_the_key(values, message):
 def test_zero_learning_rate_freezes_that_part():
     from transformers import CLIPTextConfig
 
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1))
-    te2 = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1))
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
+    te, te2 = CLIPTextModel(config), CLIPTextModel(config)
     network = build_network(None, [te, te2], network_dim=2, network_args={"loraplus_lr_ratio": "8"})
     groups = network.parameter_groups(unet_lr=None, text_encoder1_lr=0.0, text_encoder2_lr=2e-5, learning_rate=1e-4)
     assert [(g["name"], g["lr"]) for g in groups] == [("textencoder2", 2e-5), ("textencoder2 plus", 1.6e-4)]

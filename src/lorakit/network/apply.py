@@ -108,7 +108,7 @@ def remove_lora(target: Any, path: str | os.PathLike | None = None) -> None:
 
 @torch.no_grad()
 def merge_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> int:
-    """--base_weights: add a LoRA file into the base weights (W += m · up·down · alpha/rank); returns module count."""
+    """--base_weights: add a file into the base weights (W += m · up·down · alpha/rank); returns the module count."""
     network = _loaded_network(target, path, multiplier)
     network.merge()
     logger.info("%s merged into the base model at multiplier %g (%d modules)", path, multiplier, len(network.loras))

@@ -100,7 +100,8 @@ def rank_plan(args: NetworkArgs, network_dim: int | None, network_alpha: float |
     conv_block_dims = list(args.conv_block_dims) if args.conv_block_dims is not None else (
         [args.conv_dim] * NUM_BLOCKS if args.conv_dim is not None else None)
     if args.conv_block_dims is not None:
-        conv_block_alphas = args.conv_block_alphas or ((1.0 if args.conv_alpha is None else args.conv_alpha),) * NUM_BLOCKS
+        default_conv_alpha = 1.0 if args.conv_alpha is None else args.conv_alpha
+        conv_block_alphas = args.conv_block_alphas or (default_conv_alpha,) * NUM_BLOCKS
     else:
         conv_block_alphas = (conv_alpha,) * NUM_BLOCKS if args.conv_dim is not None else None
     for index, weight in enumerate(lr_weights or ()):

@@ -1,4 +1,5 @@
-"""LoRA files: saving with sd-scripts' metadata and hashes, reading, and loading into a network (reference §5.6–5.7, §6.3–6.4).
+"""LoRA files: saving with sd-scripts' metadata and hashes, reading, loading into a network (reference §5.6–5.7,
+§6.3–6.4).
 
 Metadata hand-over: the trainer builds the `ss_*` values of §6.3 once per run (`TRAINER_METADATA_KEYS`; values are
 `str()` of Python values, `None` as "None") and updates `ss_steps`, `ss_epoch`, `ss_training_finished_at` per save;

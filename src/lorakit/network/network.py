@@ -138,7 +138,7 @@ class LoRANetwork(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
-        """sd-scripts' `--scale_weight_norms`: scale up and down so each ‖ΔW‖ ≤ max_norm (returns count, mean, max)."""
+        """sd-scripts' `--scale_weight_norms`: scale up and down so each ‖ΔW‖ ≤ max_norm; (count, mean, max)."""
         scaled, norms = 0, []
         for lora in self.loras:
             norm = delta_weight(lora.lora_down.weight.to(device), lora.lora_up.weight.to(device), lora.scale).norm()
@@ -203,7 +203,8 @@ def build_network(
                                 dropout=dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout))
         parts[target.lora_name] = target.part
     counts = {part: sum(1 for p in parts.values() if p == part) for part in ("te1", "te2", "unet")}
-    logger.info("LoRA modules: U-Net %d, text encoder 1 %d, text encoder 2 %d", counts["unet"], counts["te1"], counts["te2"])
+    logger.info("LoRA modules: U-Net %d, text encoder 1 %d, text encoder 2 %d",
+                counts["unet"], counts["te1"], counts["te2"])
     return LoRANetwork(loras, parts, args, multiplier)
 
 
