@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lorakit.data.weighted_captions import parse_weights
-from lorakit.models.text_encoding import encode_tokens, sequence_length, split_chunks, tokenize
+from lorakit.data.weighted_captions import weighted_tokens
+from lorakit.models.text_encoding import encode_tokens, tokenize
 from lorakit.train.loss import LossOptions, training_loss
 from lorakit.train.noise import NoiseOptions, NoiseSchedule, noisy_batch, v_target
 
@@ -35,30 +35,9 @@ class TextEncoding:
             tokens1 = tokenize(self.tokenizer1, captions, self.max_token_length)
             tokens2 = tokenize(self.tokenizer2, captions, self.max_token_length)
             return encode_tokens(self.text_encoder1, self.text_encoder2, tokens1, tokens2)
-        tokens1, weights1 = self._weighted(self.tokenizer1, captions)
-        tokens2, weights2 = self._weighted(self.tokenizer2, captions)
+        tokens1, weights1 = weighted_tokens(self.tokenizer1, captions, self.max_token_length)
+        tokens2, weights2 = weighted_tokens(self.tokenizer2, captions, self.max_token_length)
         return encode_tokens(self.text_encoder1, self.text_encoder2, tokens1, tokens2, weights1, weights2)
-
-    def _weighted(self, tokenizer, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Token ids and per-token weights of A1111-weighted captions: each weighted piece is tokenized on its own
-        and the pieces concatenated (as sd-scripts does), then padded and chunked like plain captions."""
-        length = sequence_length(self.max_token_length)
-        rows, weight_rows = [], []
-        for caption in captions:
-            ids, weights = [], []
-            for text, weight in parse_weights(caption):
-                piece = tokenizer(text, add_special_tokens=False).input_ids
-                ids += piece
-                weights += [weight] * len(piece)
-            ids = [tokenizer.bos_token_id] + ids[: length - 2] + [tokenizer.eos_token_id]
-            weights = [1.0] + weights[: length - 2] + [1.0]
-            padding = length - len(ids)
-            rows.append(ids + [tokenizer.pad_token_id] * padding)
-            weight_rows.append(weights + [1.0] * padding)
-        tokens = split_chunks(torch.tensor(rows), tokenizer.eos_token_id, tokenizer.pad_token_id)
-        # Same layout as the ids; equal eos/pad arguments skip the id fix-ups, which do not apply to weights.
-        weights = split_chunks(torch.tensor(weight_rows), 0, 0)
-        return tokens, weights
 
 
 @dataclass(frozen=True)
