@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from lorakit.config import TrainConfig
@@ -105,6 +106,7 @@ def train(config: TrainConfig) -> TrainResult:
     # ------------------------------------------------------------------ data: every image scanned before any weights
     resumed = read_state(config.resume) if config.resume else None
     seed = run_seed(config, resumed)
+    set_seed(seed)  # python, numpy, torch: the network's initial weights are the same in every process and run
     datasets = load_datasets(dataclasses.asdict(config))
     data = TrainingData(datasets, seed)
     validation_data = TrainingData(datasets, seed, validation=True)
