@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from lorakit.errors import LorakitError
 from lorakit.models.components import ModelIdentity, Network, SDXLComponents, sdxl_networks
 from lorakit.models.detect import VAE_PREFIX, checkpoint_kind, require_sdxl, vae_prefix
-from lorakit.models.tokenizers import load_tokenizers
+from lorakit.models.tokenizers import cached_tokenizers, load_tokenizers
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -30,7 +30,8 @@ Reader = Callable[[str, torch.dtype], torch.Tensor]
 
 
 def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> SDXLComponents:
+              device: str | torch.device = "cpu", tokenizer_cache_dir: str | os.PathLike | None = None
+              ) -> SDXLComponents:
     """Load SDXL base (U-Net, VAE, both text encoders) in `dtype`, with offline tokenizers.
 
     `path`: an SGM single-file checkpoint, a diffusers folder (with model_index.json) or a hub id (`org/name`, from
@@ -55,7 +56,7 @@ def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, 
     if vae is not None:
         modules["vae"] = load_vae(vae, dtype)
         vae_identity = ModelIdentity.of(vae)
-    tokenizer1, tokenizer2 = load_tokenizers()
+    tokenizer1, tokenizer2 = cached_tokenizers(tokenizer_cache_dir) if tokenizer_cache_dir else load_tokenizers()
     return SDXLComponents(**{name: module.to(device).eval() for name, module in modules.items()},
                           tokenizer1=tokenizer1, tokenizer2=tokenizer2,
                           identity=ModelIdentity.of(source), vae_identity=vae_identity)

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 from importlib import resources
+from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from lorakit.fileio import atomic_path
 
 MODEL_MAX_LENGTH = 77
 _VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _MERGE_COUNT = 49152 - 256 - 2  # open_clip's SimpleTokenizer: vocab 49408 = 2 * 256 bytes + merges + 2 specials
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+# Folder names sd-scripts uses under --tokenizer_cache_dir, so an existing cache is shared both ways.
+CACHE_NAMES = ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -55,3 +61,18 @@ def load_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     # a special token, and a caption's "!" would encode as padding (diffusers' SDXL tokenizer_2 does that).
     tokenizer2.pad_token_id = 0
     return _tokenizer(), tokenizer2
+
+
+def cached_tokenizers(cache_dir: str | os.PathLike) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """--tokenizer_cache_dir: the tokenizers saved there (as sd-scripts saves them), else the shipped ones, which
+    are then saved there."""
+    folders = [Path(cache_dir) / name for name in CACHE_NAMES]
+    if all((folder / "vocab.json").is_file() for folder in folders):
+        tokenizer1, tokenizer2 = (CLIPTokenizer.from_pretrained(str(folder)) for folder in folders)
+        tokenizer2.pad_token_id = 0
+        return tokenizer1, tokenizer2
+    tokenizers = load_tokenizers()
+    for folder, tokenizer in zip(folders, tokenizers):
+        with atomic_path(folder) as temporary:
+            tokenizer.save_pretrained(str(temporary))
+    return tokenizers
