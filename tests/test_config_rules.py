@@ -18,7 +18,6 @@ BASE = ["--pretrained_model_name_or_path", "model.safetensors", "--dataset_confi
     (["--caption_extension", "txt"], "caption_extension", ".txt"),
     (["--resolution", "768"], "resolution", (768, 768)),
     (["--resolution", "1024,768"], "resolution", (1024, 768)),
-    (["--face_crop_aug_range", "1.5,3"], "face_crop_aug_range", (1.5, 3.0)),
     (["--lr_scheduler", "cosine", "--lr_warmup_steps", "0.05"], "lr_warmup_steps", 0.05),
     (["--lr_scheduler", "cosine", "--lr_warmup_steps", "20%"], "lr_warmup_steps", 0.2),
     (["--lr_scheduler", "cosine", "--lr_warmup_steps", "200"], "lr_warmup_steps", 200),

@@ -132,12 +132,11 @@ def test_command_line_fills_what_the_file_leaves_unset(tmp_path):
           [[datasets.subsets]]
           image_dir = 'img'
         """, resolution="1024,768", train_batch_size=3, dataset_repeats=7, caption_extention="txt",
-        enable_bucket=True, max_bucket_reso=2048, flip_aug=True, face_crop_aug_range="2.0,3.0", seed=11,
+        enable_bucket=True, max_bucket_reso=2048, flip_aug=True, seed=11,
         validation_split=0.25, alpha_mask=True)
     (subset,) = dataset.subsets
     assert (dataset.resolution, dataset.batch_size, dataset.max_bucket_reso) == ((1024, 768), 3, 2048)
     assert (subset.num_repeats, subset.caption_extension, subset.flip_aug) == (7, ".txt", True)
-    assert subset.face_crop_aug_range == (2.0, 3.0)
     assert (subset.validation_split, subset.validation_seed, subset.alpha_mask) == (0.25, 11, True)
 
 
@@ -200,14 +199,23 @@ def test_ints_accepted_where_numbers_are_expected(tmp_path):
         network_multiplier = 1
         caption_dropout_rate = 0
         token_warmup_step = 2
-        face_crop_aug_range = [2, 3]
         [[datasets]]
           [[datasets.subsets]]
           image_dir = 'a'
         """)
     (subset,) = dataset.subsets
     assert (subset.validation_split, dataset.network_multiplier, subset.token_warmup_step) == (0.0, 1.0, 2.0)
-    assert subset.face_crop_aug_range == (2.0, 3.0)
+
+
+def test_face_crop_aug_range_is_refused_with_its_reason(tmp_path):
+    with pytest.raises(LorakitError, match=r"datasets\[0\]\.subsets\[0\]: not supported yet: face_crop_aug_range"):
+        _settings(tmp_path, """
+            [[datasets]]
+            resolution = 1024
+              [[datasets.subsets]]
+              image_dir = 'a'
+              face_crop_aug_range = [2, 3]
+            """)
 
 
 def test_json_config_is_the_same_schema(tmp_path):

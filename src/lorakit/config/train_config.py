@@ -29,6 +29,7 @@ DISTRIBUTED = Group("distributed", "multi-process training through accelerate")
 CONFIG = Group("config", "arguments from a TOML file")
 
 NO_HUB = "lorakit has no Hugging Face Hub access"
+FACE_CROP = "face-centred crops from _cx_cy_w_h file names are not implemented; crops follow the bucket"
 NO_DEEPSPEED = "DeepSpeed is not wired in; use accelerate launch for multi-GPU data parallel"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
@@ -113,7 +114,8 @@ class TrainConfig:
     flip_aug: bool = DATASET.switch("random horizontal flips (cached latents keep both orientations)")
     random_crop: bool = DATASET.switch("random instead of centred crop (not with cached latents)")
     face_crop_aug_range: tuple[float, float] | None = DATASET.flag(
-        None, float_range, "face-centred crop scale range (file names end in _cx_cy_w_h)", to_file=pair_text)
+        None, float_range, "face-centred crop scale range (file names end in _cx_cy_w_h)", to_file=pair_text,
+        refused=FACE_CROP)
     alpha_mask: bool = DATASET.switch("use the image alpha channel as loss mask")
     cache_info: bool = DATASET.switch("keep captions and image sizes in metadata_cache.json per folder")
     debug_dataset: bool = DATASET.switch(

@@ -372,9 +372,9 @@ def _resolve_subset(
     if kind == "mask" and random_crop:
         raise LorakitError(f"{where}: random_crop is not supported with conditioning_data_dir (mask subsets)")
     crop_range = value("face_crop_aug_range", subset)
-    if crop_range is not None and not 0 < crop_range[0] <= crop_range[1]:
-        raise LorakitError(f"{where}: face_crop_aug_range must be [min, max] with 0 < min <= max, found "
-                           f"{list(crop_range)}")
+    if crop_range is not None:
+        raise LorakitError(f"{where}: not supported yet: face_crop_aug_range (face-centred crops from _cx_cy_w_h file "
+                           "names are not implemented; crops follow the bucket)")
     extension = value("caption_extension", subset)
     if extension and not extension.startswith("."):
         extension = "." + extension
