@@ -1,0 +1,276 @@
+"""Seconds per training step and peak memory of `lorakit train` with the reference's settings (tiny or full SDXL).
+
+    PYTHONPATH=src python bench/train_step.py [--size tiny|full] [--steps N] [--checkpoint PATH]
+                                              [--runs adamw fused] [--resolution 256] [--threads N]
+                                              [--profile] [--keep]
+
+Each run is the real `lorakit train` (`lorakit.train.cli.main`) in a fresh process, on one synthetic
+`resolution`² image repeated for N steps: batch 1, LoRA dim 8, U-Net only, `--mixed_precision bf16 --full_bf16
+--gradient_checkpointing --cache_latents --cache_text_encoder_outputs`, and AdamW (`adamw`, the reference's
+5.9 s/step and 16.9 GB max RSS on this machine) or `--fused_backward_pass` with Adafactor (`fused`).
+
+Timing: a forward pre-hook on the U-Net stamps the start of each step, so a step is everything from one U-Net call
+to the next (forward, backward, optimizer, scheduler, data loading); the last step ends at its last optimizer
+step. s/step is the median of the steps after the first. Memory: VmHWM and ru_maxrss of the training process
+(loading and caching included, as the reference's figure), and the peaks of RSS and anonymous RSS sampled every
+20 ms, overall and during the steps. The 1-minute load average is printed before and after each run: figures
+taken while it is above ~1 are not the machine's own: when other processes hold the cores, torch's OpenMP threads
+wait for each other at every op (a tiny step took 10-50x longer with 2 threads than with 1 at load 8-13), so
+`--threads 1` and the CPU time per step show the work itself.
+
+Without --checkpoint, a random checkpoint is written with `lorakit random-model --size SIZE --format single-file
+--dtype fp16` (full: about 6.9 GB under the temp folder) and deleted afterwards unless --keep.
+`--profile` adds a torch.profiler (CPU) table of one step (the second; excluded from the median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+GB, GIB = 1e9, 2**30
+REFERENCE = {"seconds": 5.9, "max_rss": 16.9e9, "anon": 9.9e9}  # sd-scripts on this machine (issue 5)
+GOAL = {"seconds": 0.75, "max_rss": 0.45}  # fractions of the reference
+
+COMMON = ["--network_module", "networks.lora", "--network_dim", "8", "--network_train_unet_only",
+          "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing", "--cache_latents",
+          "--cache_text_encoder_outputs", "--lr_scheduler", "constant", "--learning_rate", "1e-4", "--seed", "0",
+          "--save_model_as", "safetensors", "--output_name", "bench"]
+RUNS = {
+    "adamw": ["--optimizer_type", "AdamW"],
+    "fused": ["--optimizer_type", "Adafactor", "--fused_backward_pass", "--optimizer_args", "scale_parameter=False",
+              "relative_step=False", "warmup_init=False"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (tiny 12, full 4)")
+    parser.add_argument("--checkpoint", help="an SDXL single-file checkpoint to reuse instead of a random one")
+    parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=sorted(RUNS))
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the training process (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the second step")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder and a checkpoint this run made")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_child(json.loads(args.child))
+
+    steps = args.steps or (12 if args.size == "tiny" else 4)
+    work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    checkpoint = args.checkpoint or str(work / f"random-{args.size}-fp16.safetensors")
+    try:
+        if not args.checkpoint:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "lorakit", "random-model", checkpoint, "--size", args.size,
+                            "--format", "single-file", "--dtype", "fp16"], env=_env(), check=True,
+                           capture_output=True)
+            print(f"random {args.size} checkpoint written in {time.perf_counter() - started:.0f} s")
+        dataset = write_dataset(work, args.resolution, steps)
+        print(f"checkpoint {checkpoint} ({os.path.getsize(checkpoint) / GB:.2f} GB), {args.resolution} px, "
+              f"{steps} steps per run, {os.cpu_count()} CPUs")
+        for name in args.runs:
+            argv = ["--pretrained_model_name_or_path", checkpoint, "--dataset_config", str(dataset),
+                    "--output_dir", str(work / name), "--max_train_steps", str(steps), *COMMON, *RUNS[name]]
+            load_before = _load_average()
+            result = _child({"argv": argv, "profile": args.profile, "fused": name == "fused"}, args.threads)
+            report(name, args.size, result, load_before, _load_average())
+    finally:
+        if not args.keep:
+            for path in sorted(work.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            work.rmdir()
+        else:
+            print(f"kept {work}")
+
+
+def write_dataset(work: Path, resolution: int, repeats: int) -> Path:
+    """One captioned square image, repeated so that one epoch holds every step."""
+    from lorakit.testing.datasets import write_image_folder
+
+    write_image_folder(work / "images", count=1, sizes=((resolution, resolution),))
+    path = work / "dataset.toml"
+    path.write_text(f'[general]\nenable_bucket = false\ncaption_extension = ".txt"\n\n[[datasets]]\n'
+                    f"resolution = {resolution}\nbatch_size = 1\n\n  [[datasets.subsets]]\n"
+                    f'  image_dir = "{(work / "images").as_posix()}"\n  num_repeats = {repeats}\n')
+    return path
+
+
+def report(name: str, size: str, result: dict, load_before: str, load_after: str) -> None:
+    steps = result["step_seconds"]
+    kept = [i for i in range(1, len(steps)) if i != result.get("profiled_step")]
+    median = statistics.median(steps[i] for i in kept) if kept else float("nan")
+    cpu = statistics.median(result["cpu_seconds"][i] for i in kept) if kept else float("nan")
+    memory = result["memory"]
+    print(f"\n[{name}] {size}: {median:.2f} s/step (median of {len(kept)} after the first; all: "
+          f"{', '.join(f'{s:.2f}' for s in steps)}); CPU time {cpu:.2f} s/step")
+    print(f"  first step after {result['setup_seconds']:.1f} s of loading and caching; torch threads "
+          f"{result['threads']}; fused hooks: {result['fused']}")
+    print(f"  peak RSS {memory['VmHWM'] / GB:.2f} GB ({memory['VmHWM'] / GIB:.2f} GiB; ru_maxrss "
+          f"{result['ru_maxrss'] / GB:.2f} GB), anonymous {memory['peak_RssAnon'] / GB:.2f} GB; during the steps "
+          f"RSS {memory['steps_VmRSS'] / GB:.2f} GB, anonymous {memory['steps_RssAnon'] / GB:.2f} GB; "
+          f"RSS at the first step {memory['first_step_VmRSS'] / GB:.2f} GB")
+    if size == "full" and name == "adamw":
+        print(f"  vs sd-scripts (5.9 s/step, 16.9 GB max RSS): time {median / REFERENCE['seconds']:.2f}x "
+              f"(goal <= {GOAL['seconds']}x), max RSS {memory['VmHWM'] / REFERENCE['max_rss']:.2f}x "
+              f"(goal <= {GOAL['max_rss']}x)")
+    print(f"  load average before: {load_before}; after: {load_after}")
+    if result.get("profile"):
+        print(result["profile"])
+
+
+# ---------------------------------------------------------------------------------------------------- the child
+
+
+def run_child(spec: dict) -> None:
+    """Run `lorakit train` with step stamps, a memory sampler and (optionally) a profiler; print one JSON line."""
+    import resource
+
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import lorakit.train.trainer as trainer
+    from lorakit.train.cli import main as train_main
+    from lorakit.train.fused import fuse_backward
+
+    started = time.perf_counter()
+    starts: list[float] = []
+    cpu_starts: list[float] = []
+    last_optimizer_step = [0.0, 0.0]
+    built_optimizers = []
+    sampler = MemorySampler()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if spec["profile"] else None
+    fused = {"state": "no"}
+    load_sdxl, build_optimizer = trainer.load_sdxl, trainer.build_optimizer
+
+    def on_step_start(_module, _inputs) -> None:
+        if not starts:
+            sampler.mark_steps()
+            if spec["fused"]:
+                fused["state"] = _ensure_fused(built_optimizers[-1], fuse_backward)
+        if profiler is not None and len(starts) == 1:
+            profiler.start()
+        if profiler is not None and len(starts) == 2:
+            profiler.stop()
+        starts.append(time.perf_counter())
+        cpu_starts.append(time.process_time())
+
+    def loading_with_hook(*args, **kwargs):
+        components = load_sdxl(*args, **kwargs)
+        components.unet.register_forward_pre_hook(on_step_start)
+        return components
+
+    def remembering_optimizer(*args, **kwargs):
+        built = build_optimizer(*args, **kwargs)
+        built_optimizers.append(built)
+        return built
+
+    trainer.load_sdxl, trainer.build_optimizer = loading_with_hook, remembering_optimizer
+    register_optimizer_step_post_hook(lambda *_: last_optimizer_step.__setitem__(
+        slice(None), [time.perf_counter(), time.process_time()]))
+    sampler.start()
+    code = train_main(spec["argv"])
+    if profiler is not None and len(starts) == 2:
+        profiler.stop()
+    sampler.stop()
+    if code:
+        raise SystemExit(code)
+    status = _status()
+    step_seconds = [b - a for a, b in zip(starts, starts[1:])] + [last_optimizer_step[0] - starts[-1]]
+    cpu_seconds = [b - a for a, b in zip(cpu_starts, cpu_starts[1:])] + [last_optimizer_step[1] - cpu_starts[-1]]
+    result = {
+        "step_seconds": step_seconds, "cpu_seconds": cpu_seconds, "setup_seconds": starts[0] - started,
+        "threads": torch.get_num_threads(),
+        "fused": fused["state"], "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory": {"VmHWM": status["VmHWM"], **sampler.peaks},
+    }
+    if profiler is not None:
+        result["profiled_step"] = 1
+        result["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    print(json.dumps(result))
+
+
+def _ensure_fused(built, fuse_backward) -> str:
+    """'trainer' when the trainer installed per-parameter hooks; otherwise install them here (the loop's own
+    optimizer.step() then finds no gradients left) and say so."""
+    params = [p for group in built.optimizer.param_groups for p in group["params"]]
+    if all(p._post_accumulate_grad_hooks for p in params):
+        return "trainer"
+    fuse_backward(built.optimizer, built.make)
+    return "bench (trainer not wired)"
+
+
+class MemorySampler:
+    """Peaks of VmRSS and RssAnon from /proc/self/status every 20 ms, overall and after `mark_steps()`."""
+
+    def __init__(self) -> None:
+        self.peaks = {"peak_VmRSS": 0, "peak_RssAnon": 0, "steps_VmRSS": 0, "steps_RssAnon": 0,
+                      "first_step_VmRSS": 0}
+        self._in_steps = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def mark_steps(self) -> None:
+        self.peaks["first_step_VmRSS"] = _status()["VmRSS"]
+        self._in_steps = True
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self._sample()
+
+    def _sample(self) -> None:
+        status = _status()
+        for name in ("VmRSS", "RssAnon"):
+            self.peaks[f"peak_{name}"] = max(self.peaks[f"peak_{name}"], status[name])
+            if self._in_steps:
+                self.peaks[f"steps_{name}"] = max(self.peaks[f"steps_{name}"], status[name])
+
+
+def _status() -> dict[str, int]:
+    """VmRSS / VmHWM / RssAnon / RssFile of this process in bytes."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _child(spec: dict, threads: int | None) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    env = _env() if threads is None else {**_env(), "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"the training run failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+
+
+if __name__ == "__main__":
+    main()
