@@ -63,6 +63,7 @@ def validation_loss(batches: Iterable, loss_of: Callable[[object, StepOptions, t
     was_training = network.training
     with preserved_rng():
         random.seed(seed)
+        np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         network.eval()
         try:
