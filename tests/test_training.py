@@ -258,3 +258,49 @@ def test_differential_output_preservation_targets_the_base_prediction(tiny_compo
     expected = (((with_lora[0] - base[0]) ** 2).mean() + ((with_lora[1] - by_hand["noise"][1]) ** 2).mean()) / 2
     loss = loss_of(unet, step_inputs, step_options(), preserve=preserve, base_prediction=base_prediction)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- LR groups
+
+
+def max_up_weight(state: dict[str, torch.Tensor], prefix: str) -> float:
+    return max(t.abs().max().item() for k, t in state.items() if k.startswith(prefix) and ".lora_up." in k)
+
+
+@pytest.mark.parametrize("rates", [["--text_encoder_lr1", "1e-3", "--text_encoder_lr2", "3e-3"],
+                                   ["--text_encoder_lr", "1e-3", "3e-3"]])
+def test_text_encoders_train_in_their_own_groups_at_their_own_rates(tiny_single_file, one_image, tmp_path, caplog,
+                                                                    rates):
+    dataset, _ = one_image
+    with caplog.at_level("INFO", logger="lorakit"):
+        result = run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "1", "--optimizer_type", "AdamW",
+                     "--learning_rate", "5e-3", "--unet_lr", "2e-3", *rates)
+    assert "(groups: textencoder1, textencoder2, unet)" in caplog.text
+    state, metadata = read_lora(result.final_file)
+    # LoRA up weights start at 0 and AdamW's first step moves every weight with a gradient by lr * g / (|g| + eps):
+    # the largest |up| of each part is its group's learning rate.
+    assert max_up_weight(state, "lora_te1_") == pytest.approx(1e-3, rel=1e-3)
+    assert max_up_weight(state, "lora_te2_") == pytest.approx(3e-3, rel=1e-3)
+    assert max_up_weight(state, "lora_unet_") == pytest.approx(2e-3, rel=1e-3)
+    assert (metadata["ss_text_encoder_lr1"], metadata["ss_text_encoder_lr2"]) == ("0.001", "0.003")
+
+
+# ---------------------------------------------------------------------------------------------------- NaN
+
+
+def test_nan_loss_stops_with_the_image_paths_and_keeps_the_saved_file(tiny_single_file, one_image, tmp_path):
+    dataset, image = one_image
+    # Plain SGD without clipping at lr 1e38 makes the LoRA weights overflow after the first step, so the second
+    # step's loss is not finite; the step-1 file is saved before that.
+    with pytest.raises(NonFiniteLoss) as error:
+        run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "3", "--save_every_n_steps", "1",
+            "--optimizer_type", "SGD", "--learning_rate", "1e38", "--max_grad_norm", "0", "--cache_latents",
+            "--cache_text_encoder_outputs")
+    message = str(error.value)
+    assert "\n" not in message and re.match(r"loss is (nan|inf) at step 2 \(epoch 2\)", message), message
+    assert str(image) in message and "--no_half_vae" in message
+    saved = tmp_path / "lora-step00000001.safetensors"
+    state, metadata = read_lora(saved)
+    assert metadata["ss_steps"] == "1" and all(torch.isfinite(t).all() for t in state.values())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == [saved.name]
+    assert not list(tmp_path.glob(".*"))  # no temporary left over from a partial write
