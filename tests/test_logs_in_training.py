@@ -1,7 +1,8 @@
 """Training logs from a real run of the tiny model: the TensorBoard event file has the reference's keys at the
 global steps, `loss/current` is each step's loss, `loss/average` the moving average of the micro-batch losses over
 an epoch's worth of batches, `lr/<group>` the scheduler's rate of each optimizer group; max-norm keys come with
---scale_weight_norms; the loss/LR curve PNG is written even without --logging_dir."""
+--scale_weight_norms; the loss/LR curve PNG is written even without --logging_dir. Sample images during training
+(from the parked VAE and text encoders) leave the training bit-identical."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from lorakit.config import parse_train_args
 from lorakit.testing.datasets import write_dataset_toml, write_image_folder
@@ -80,3 +82,28 @@ def test_curves_png_without_logging_dir(tiny_single_file, dataset, tmp_path):
     train(parse_train_args(argv))
     assert (tmp_path / "lora_curves.png").is_file()
     assert not list(tmp_path.glob("**/events.out.tfevents.*"))
+
+
+def test_sampling_points_write_files_and_leave_training_unchanged(tiny_single_file, dataset, tmp_path):
+    """Sample at first and every step from parked (cached-away) VAE and text encoders: the final LoRA is
+    bit-identical to the run without sampling, and each point writes its images and a contact sheet."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 11\nlkt style, a square --n blurry --w 64 --h 96 --s 1\n")
+    common = ["--pretrained_model_name_or_path", str(tiny_single_file), "--dataset_config", str(dataset), *RUN,
+              "--network_train_unet_only", "--cache_text_encoder_outputs", "--max_train_steps", "2",
+              "--network_dropout", "0.1"]
+    train(parse_train_args([*common, "--output_dir", str(tmp_path / "plain")]))
+    train(parse_train_args([*common, "--output_dir", str(tmp_path / "sampled"), "--sample_prompts", str(prompts),
+                            "--sample_at_first", "--sample_every_n_steps", "1", "--sample_sampler", "euler_a"]))
+
+    plain = load_file(tmp_path / "plain" / "lora.safetensors")
+    sampled = load_file(tmp_path / "sampled" / "lora.safetensors")
+    assert all(torch.equal(plain[key], sampled[key]) for key in plain)
+    names = sorted(p.name for p in (tmp_path / "sampled" / "sample").iterdir())
+    for tag in ("000000", "000001", "000002"):
+        points = [n for n in names if n.startswith(f"lora_{tag}_")]
+        assert len([n for n in points if n.endswith("_contact.png")]) == 1
+        assert len([n for n in points if n.startswith(f"lora_{tag}_00_") and n.endswith("_11.png")]) == 1
+        assert len([n for n in points if n.startswith(f"lora_{tag}_01_")]) == 1
+    (second,) = [n for n in names if n.startswith("lora_000001_01_")]
+    assert Image.open(tmp_path / "sampled" / "sample" / second).size == (64, 96)
