@@ -304,3 +304,32 @@ def test_nan_loss_stops_with_the_image_paths_and_keeps_the_saved_file(tiny_singl
     assert metadata["ss_steps"] == "1" and all(torch.isfinite(t).all() for t in state.values())
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == [saved.name]
     assert not list(tmp_path.glob(".*"))  # no temporary left over from a partial write
+
+
+# ---------------------------------------------------------------------------------------------------- fused backward
+
+
+@pytest.mark.parametrize("optimizer_args", [
+    ["--learning_rate", "1e-2", "--optimizer_args", "relative_step=False", "scale_parameter=False",
+     "warmup_init=False"],
+    [],  # Adafactor's relative step with the adafactor scheduler
+])
+def test_fused_backward_gives_the_unfused_adafactor_weights(tiny_single_file, one_image, tmp_path, optimizer_args):
+    dataset, _ = one_image
+    common = ["--max_train_steps", "3", "--optimizer_type", "Adafactor", "--max_grad_norm", "0", "--cache_latents",
+              "--cache_text_encoder_outputs", *optimizer_args]
+    plain, _ = read_lora(run(tiny_single_file, dataset, tmp_path / "plain", *common).final_file)
+    fused, _ = read_lora(run(tiny_single_file, dataset, tmp_path / "fused", *common,
+                             "--fused_backward_pass").final_file)
+    assert plain.keys() == fused.keys()
+    ups = [k for k in plain if ".lora_up." in k]
+    assert max(plain[k].abs().max().item() for k in ups) > 1e-5  # it trained (the up weights start at 0)
+    assert max((plain[k] - fused[k]).abs().max().item() for k in plain) <= 1e-6
+
+
+def test_fused_backward_with_gradient_accumulation_is_refused_with_the_reason(tiny_single_file, one_image,
+                                                                                tmp_path):
+    dataset, _ = one_image
+    with pytest.raises(LorakitError, match="--fused_backward_pass .*cannot accumulate"):
+        run(tiny_single_file, dataset, tmp_path, "--optimizer_type", "Adafactor", "--fused_backward_pass",
+            "--gradient_accumulation_steps", "2")

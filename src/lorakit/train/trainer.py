@@ -51,6 +51,7 @@ from lorakit.network.apply import merge_lora
 from lorakit.network.io import file_ranks, load_network_weights, read_lora, save_network
 from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.plugins import LORAKIT_MODULE, create_network
+from lorakit.train.fused import fuse_backward
 from lorakit.train.interrupt import StopRequest, TrainingInterrupted, resume_command
 from lorakit.train.logs import MovingAverage, TrainingLog, epoch_logs, step_logs, validation_logs
 from lorakit.train.loss import LossOptions
@@ -208,6 +209,9 @@ def train(config: TrainConfig) -> TrainResult:
         min_lr_ratio=config.lr_scheduler_min_lr_ratio, scheduler_type=config.lr_scheduler_type,
         scheduler_args=config.lr_scheduler_args, schedule_free=built.schedule_free)
     group_names = [group.get("name", f"group{i}") for i, group in enumerate(groups)]
+    if config.fused_backward_pass:  # each parameter steps in its gradient hook; the loop only steps the schedule
+        fuse_backward(optimizer, built.make, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                      max_grad_norm=config.max_grad_norm, num_processes=accelerator.num_processes)
 
     # ------------------------------------------------------------------ step options, outputs, metadata
     step_options = StepOptions(
@@ -385,12 +389,13 @@ def train(config: TrainConfig) -> TrainResult:
                     moving.add(loss.item())
                     if (batch_index + 1) % gas and batch_index + 1 < len(batches):
                         continue
-                    average_gradients(params, accelerator)
-                    if config.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
+                    if not config.fused_backward_pass:  # fused: every parameter stepped during backward()
+                        average_gradients(params, accelerator)
+                        if config.max_grad_norm:
+                            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                     lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
                     max_norm = None
                     if config.scale_weight_norms and isinstance(network, LoRANetwork):
                         max_norm = network.apply_max_norm_regularization(config.scale_weight_norms, device)
