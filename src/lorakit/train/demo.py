@@ -33,7 +33,7 @@ def seed_command(model: Path, dataset: Path, output: Path, *, epochs: int, optim
 def main(argv: list[str] | None = None, prog: str = "lorakit demo") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="lorakit-demo", help="folder for the model, images and outputs")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs (9 images each)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of 9 steps (the seed command's 10)")
     args = parser.parse_args(argv)
     from lorakit.testing.datasets import write_dataset_toml, write_image_folder
     from lorakit.testing.random_models import write_random_single_file
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None, prog: str = "lorakit demo") -> int:
     dataset = write_dataset_toml(workdir / "dataset.toml", images, resolution=96)
     # bitsandbytes keeps real 8-bit state on CPUs too; the demo falls back to AdamW when it is not installed.
     optimizer = "AdamW8bit" if importlib.util.find_spec("bitsandbytes") else "AdamW"
-    # Tiny models run fastest in fp32 on CPUs; a GPU gets the seed command's bf16.
+    # Tiny models run fastest in fp32 on one CPU thread (their ops are too small to split); a GPU gets bf16.
     precision = "bf16" if torch.cuda.is_available() else "no"
+    torch.set_num_threads(1)
     command = seed_command(model, dataset, output, epochs=args.epochs, optimizer=optimizer, precision=precision)
     print("lorakit demo: sdxl_train_network.py " + " ".join(command), flush=True)
     try:
