@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import diffusers
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
@@ -66,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    diffusers.utils.logging.set_verbosity_error()  # a bare AutoencoderKL cast to bf16 warns about fp32 modules
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as folder:
@@ -78,8 +80,9 @@ def main() -> None:
                 per_image = statistics.median(seconds) / len(items)
                 runs = ", ".join(f"{s / len(items):.3f}" for s in seconds)
                 print(
-                    f"{size:>4} VAE {args.dtype} {args.resolution}px vae_batch_size {batch_size}: "
-                    f"{per_image:.3f} s/image, {1 / per_image:.2f} images/s (runs: {runs} s/image)"
+                    f"{size:>4} VAE {args.dtype} {args.resolution}px vae_batch_size {batch_size}: median "
+                    f"{per_image:.3f} s/image, {1 / per_image:.2f} images/s (runs: {runs} s/image; best is the"
+                    " machine's figure when it is shared)"
                 )
             del vae
     print(f"load average after: {os.getloadavg()[0]:.2f}")
