@@ -333,3 +333,122 @@ def test_fused_backward_with_gradient_accumulation_is_refused_with_the_reason(ti
     with pytest.raises(LorakitError, match="--fused_backward_pass .*cannot accumulate"):
         run(tiny_single_file, dataset, tmp_path, "--optimizer_type", "Adafactor", "--fused_backward_pass",
             "--gradient_accumulation_steps", "2")
+
+
+# ---------------------------------------------------------------------------------------------------- flags in runs
+
+
+@pytest.fixture
+def own_image(tmp_path) -> tuple[Path, Path]:
+    """One 64x64 image in this test's own folder (for caches written beside the images)."""
+    (image,) = write_image_folder(tmp_path / "img", 1, ((64, 64),))
+    return write_dataset_toml(tmp_path / "dataset.toml", tmp_path / "img", resolution=64), image
+
+
+METADATA_FLAGS = {"title": "T", "author": "A", "description": "D", "license": "L", "tags": "x,y", "usage_hint": "U",
+                  "thumbnail": "data:image/png;base64,AAAA", "merged_from": "M", "trigger_phrase": "P",
+                  "preprocessor": "R", "is_negative_embedding": "False"}
+
+
+def test_saving_and_metadata_flags_reach_the_files(tiny_single_file, own_image, tmp_path):
+    dataset, image = own_image
+    metadata_args = [word for key, value in METADATA_FLAGS.items() for word in (f"--metadata_{key}", value)]
+    run(tiny_single_file, dataset, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+        "--save_precision", "fp16", "--save_model_as", "safetensors", "--network_module", "networks.lora",
+        "--training_comment", "a comment", "--clip_skip", "2", "--network_dropout", "0.1", "--cache_latents_to_disk",
+        "--vae_batch_size", "2", "--network_train_unet_only", *metadata_args)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["lora-000001.safetensors",
+                                                                                "lora.safetensors"]
+    state, metadata = read_lora(tmp_path / "out" / "lora.safetensors")
+    assert {t.dtype for t in state.values()} == {torch.float16}
+    assert all(key.startswith("lora_unet_") for key in state)
+    assert {key: metadata[f"modelspec.{key}"] for key in METADATA_FLAGS} == METADATA_FLAGS
+    assert (metadata["ss_training_comment"], metadata["ss_clip_skip"]) == ("a comment", "2")
+    assert (metadata["ss_network_dropout"], metadata["ss_num_epochs"], metadata["ss_epoch"]) == ("0.1", "2", "2")
+    assert (metadata["ss_network_module"], metadata["ss_cache_latents"]) == ("networks.lora", "True")
+    assert len(list(image.parent.glob(f"{image.stem}_64x64_lorakit.safetensors"))) == 1  # the latent disk cache
+
+
+def test_no_metadata_keeps_the_minimal_keys_and_ckpt_files_load_without_pickle(tiny_single_file, one_image,
+                                                                               tmp_path):
+    dataset, _ = one_image
+    run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "1", "--no_metadata", "--network_train_unet_only",
+        "--cache_latents", "--cache_text_encoder_outputs")
+    _, metadata = read_lora(tmp_path / "lora.safetensors")
+    assert "ss_network_dim" in metadata and "ss_learning_rate" not in metadata and "ss_datasets" not in metadata
+    run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "1", "--save_model_as", "ckpt",
+        "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs")
+    state = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    assert state and all(key.startswith("lora_unet_") for key in state)
+
+
+def test_network_weights_and_dim_from_weights_continue_from_a_file(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image
+    common = ["--max_train_steps", "1", "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs"]
+    first = run(tiny_single_file, dataset, tmp_path / "a", *common, "--network_dim", "4", "--network_alpha", "2",
+                "--learning_rate", "1e-2").final_file
+    start, _ = read_lora(first)
+    # SGD at a negligible rate: the saved weights are the loaded ones; the ranks come from the file, not --network_dim.
+    again = run(tiny_single_file, dataset, tmp_path / "b", *common, "--network_weights", str(first),
+                "--dim_from_weights", "--optimizer_type", "SGD", "--learning_rate", "1e-12").final_file
+    state, metadata = read_lora(again)
+    assert state.keys() == start.keys()
+    assert all(torch.allclose(state[k], start[k], atol=1e-9) for k in state)
+    assert metadata["ss_network_alpha"] == "2.0"
+
+
+def test_base_weights_are_merged_before_training(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image
+    common = ["--max_train_steps", "1", "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs"]
+    donor = run(tiny_single_file, dataset, tmp_path / "donor", *common, "--learning_rate", "3e-2")
+    plain = run(tiny_single_file, dataset, tmp_path / "plain", *common)
+    merged = run(tiny_single_file, dataset, tmp_path / "merged", *common, "--base_weights", str(donor.final_file),
+                 "--base_weights_multiplier", "1.0")
+    # Same seed, data and noise: only the merged base model can change the first loss.
+    assert plain.losses[0] == pytest.approx(donor.losses[0], rel=1e-6)
+    assert abs(merged.losses[0] - plain.losses[0]) > 1e-4
+
+
+def test_text_encoder_only_trains_no_unet_lora(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image
+    result = run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "1", "--network_train_text_encoder_only",
+                 "--learning_rate", "1e-3", "--weighted_captions", "--max_token_length", "150")
+    state, metadata = read_lora(result.final_file)
+    assert state and all(key.startswith(("lora_te1_", "lora_te2_")) for key in state)
+    assert max_up_weight(state, "lora_te") == pytest.approx(1e-3, rel=1e-3)
+    assert metadata["ss_max_token_length"] == "150"
+
+
+def test_dry_run_prints_the_plan_and_loads_no_weights(one_image, tmp_path, capsys):
+    dataset, _ = one_image
+    missing = tmp_path / "not-read.safetensors"  # --dry_run exits before any weights are read
+    result = run(missing, dataset, tmp_path, "--dry_run", "--max_train_epochs", "3")
+    assert result.final_file is None and result.global_step == 0
+    out = capsys.readouterr().out
+    assert "optimizer steps per epoch 1, epochs 3, total steps 3" in out and "memory estimate" in out
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process: reset it around a test that uses another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_full_bf16_trains_bf16_lora_weights_and_saves_them_as_float(tiny_single_file, one_image, tmp_path,
+                                                                   fresh_accelerate_state):
+    dataset, _ = one_image
+    result = run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "1", "--mixed_precision", "bf16",
+                 "--full_bf16", "--save_precision", "float", "--network_train_unet_only", "--cache_latents",
+                 "--cache_text_encoder_outputs", "--no_half_vae", "--learning_rate", "1e-2")
+    state, metadata = read_lora(result.final_file)
+    assert {t.dtype for t in state.values()} == {torch.float32}
+    ups = [state[k] for k in state if ".lora_up." in k]
+    assert max(t.abs().max().item() for t in ups) > 0
+    # Trained in bf16: every saved value is exactly representable in bf16.
+    assert all(torch.equal(t, t.to(torch.bfloat16).float()) for t in state.values())
+    assert metadata["ss_mixed_precision"] == "bf16"
