@@ -47,8 +47,8 @@ from lorakit.data.summary import dataset_summary
 from lorakit.errors import LorakitError
 from lorakit.models import load_sdxl
 from lorakit.models.vae import LATENT_SCALE
-from lorakit.network.apply import merge_lora
-from lorakit.network.io import file_ranks, load_network_weights, read_lora, save_network
+from lorakit.network.apply import merge_lora, network_from_file, to_sgm_names
+from lorakit.network.io import load_network_weights, read_lora, save_network
 from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.plugins import LORAKIT_MODULE, create_network
 from lorakit.train.fused import fuse_backward
@@ -133,7 +133,8 @@ def train(config: TrainConfig) -> TrainResult:
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if config.no_half_vae else weight_dtype
-    components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu")
+    components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu",
+                           tokenizer_cache_dir=config.tokenizer_cache_dir)
     unet, vae = components.unet, components.vae.to(vae_dtype)
     text_encoders = [components.text_encoder1, components.text_encoder2]
     for model in (unet, vae, *text_encoders):
@@ -202,8 +203,10 @@ def train(config: TrainConfig) -> TrainResult:
         logger.warning(warning)
     optimizer = built.optimizer
     lr_scheduler = build_scheduler(
+        # The loop steps the schedule once per optimizer step whatever the number of processes (accelerate's
+        # prepared scheduler, which steps once per process, is not used), so steps are never multiplied.
         optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=plan.max_train_steps,
-        num_processes=accelerator.num_processes, warmup_steps=config.lr_warmup_steps,
+        num_processes=1, warmup_steps=config.lr_warmup_steps,
         decay_steps=config.lr_decay_steps, num_cycles=config.lr_scheduler_num_cycles,
         power=config.lr_scheduler_power, timescale=config.lr_scheduler_timescale,
         min_lr_ratio=config.lr_scheduler_min_lr_ratio, scheduler_type=config.lr_scheduler_type,
@@ -265,6 +268,8 @@ def train(config: TrainConfig) -> TrainResult:
         """The LoRA file (main process) and, given the loop's `progress`, its state folder (with every rank's
         RNG states). Every process calls it."""
         rng = gather_strings(rng_json(), _all_gather if world > 1 else None) if progress is not None else None
+        if world > 1:
+            check_in_sync(params, accelerator.is_main_process)
         state_dir = names.state_dir(path) if progress is not None else None
         if accelerator.is_main_process:
             needed = lora_bytes(network, save_dtype) + (state_bytes(network, optimizer) if progress else 0)
@@ -366,15 +371,20 @@ def train(config: TrainConfig) -> TrainResult:
                 first_batch = start.batches_done if epoch == start.epoch else 0
                 if not first_batch:
                     epoch_losses = []
-                batches = shard(data.epoch_batches(epoch), rank, world)
+                # This process's share of the epoch as indices into the whole epoch's batches, so that each
+                # batch's per-item randomness and noise depend on its place in the run, not on the process count.
+                epoch_batches = data.epoch_batches(epoch)
+                batches = shard(list(range(len(epoch_batches))), rank, world)
                 steps_at_epoch_start = global_step - first_batch // gas
                 loader = torch.utils.data.DataLoader(
-                    BatchLoader(batches, seed=seed, epoch=epoch, max_train_steps=plan.max_train_steps,
-                                step_of_batch=lambda i: steps_at_epoch_start + i // gas, latents=latents,
-                                text=cached_text, masked_loss=config.masked_loss, first_batch=first_batch),
-                    batch_size=None, num_workers=data_loader_workers(config), persistent_workers=False)
-                for batch_index, batch in enumerate(loader, start=first_batch):
-                    generator = batch_generator(seed, epoch, batch_index * world + rank)
+                    BatchLoader(epoch_batches, seed=seed, epoch=epoch, max_train_steps=plan.max_train_steps,
+                                step_of_batch=lambda i: steps_at_epoch_start + i // world // gas, latents=latents,
+                                text=cached_text, masked_loss=config.masked_loss),
+                    sampler=batches[first_batch:], batch_size=None, num_workers=data_loader_workers(config),
+                    persistent_workers=False)
+                for batch_index, (global_index, batch) in enumerate(zip(batches[first_batch:], loader),
+                                                                    start=first_batch):
+                    generator = batch_generator(seed, epoch, global_index)
                     with accelerator.autocast():
                         loss = batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
                                           train_text_encoder=train_text_encoder and cached_text is None,
@@ -549,7 +559,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=config.ddp_timeout)))
         kwargs.append(DistributedDataParallelKwargs(gradient_as_bucket_view=config.ddp_gradient_as_bucket_view,
                                                     static_graph=config.ddp_static_graph))
-    return Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=kwargs)
+    # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`): accelerate sets up
+    # gloo on the CPU only when told to.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=kwargs, cpu=cpu)
 
 
 def configure_attention(config: TrainConfig, unet, vae) -> None:
@@ -592,9 +605,9 @@ def make_network(config: TrainConfig, components, unet, text_encoders, vae, trai
         if not config.network_weights:
             raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
         state, _ = read_lora(config.network_weights)
-        network = build_network(unet, live_encoders, network_args=args, dropout=config.network_dropout,
-                                train_unet=train_unet, train_text_encoder=train_text_encoder,
-                                ranks=file_ranks(state))
+        network = network_from_file(unet, live_encoders, to_sgm_names(state, unet), config.network_weights,
+                                    network_args=args, dropout=config.network_dropout, train_unet=train_unet,
+                                    train_text_encoder=train_text_encoder)
     else:
         network = create_network(module, unet=unet, text_encoders=live_encoders, vae=vae,
                                   network_dim=config.network_dim, network_alpha=config.network_alpha,
@@ -806,6 +819,20 @@ def stop_requested(stop: StopRequest, world: int, device) -> bool:
     flag = torch.tensor([float(stop.requested)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def check_in_sync(params: list[torch.Tensor], log: bool) -> None:
+    """Every process must hold the same LoRA weights (same initial weights, averaged gradients); a difference
+    means a broken set-up, so it stops the run instead of saving one process's weights as the result."""
+    checksum = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                            for p in params]).flatten().cpu()
+    checksums = _all_gather(checksum)
+    if not all(torch.equal(checksums[0], other) for other in checksums[1:]):
+        raise LorakitError("the LoRA weights differ between processes; check that every process runs the same "
+                           "lorakit, flags and data")
+    if log:
+        logger.info("LoRA weights identical on all %d processes (checksum %.17g)", len(checksums),
+                    float(checksum.sum()))
 
 
 def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
