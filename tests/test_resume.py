@@ -53,7 +53,7 @@ def run(model: Path, dataset: Path, output: Path, *args: str):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_single_file, shuffled_dataset, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("uninterrupted")
-    result = run(tiny_single_file, shuffled_dataset, output)
+    result = run(tiny_single_file, shuffled_dataset, output, "--save_every_n_epochs", "1")
     assert result.global_step == 5
     return output
 
@@ -75,6 +75,28 @@ def test_resume_from_a_mid_epoch_state_is_bit_identical(tiny_single_file, shuffl
     assert any(not torch.equal(at_state[key], resumed[key]) for key in at_state)  # the resumed step did train
     assert json.loads((tmp_path / "lora-state" / "train_state.json").read_text()) == {
         "current_epoch": 2, "current_step": 5}
+
+
+def test_resume_from_an_epoch_end_state_is_bit_identical(tiny_single_file, shuffled_dataset, uninterrupted,
+                                                          tmp_path):
+    state = uninterrupted / "lora-000001-state"
+    progress = json.loads((state / "progress.json").read_text())
+    assert (progress["global_step"], progress["epoch"], progress["epoch_finished"]) == (3, 1, True)
+    result = run(tiny_single_file, shuffled_dataset, tmp_path, "--resume", str(state), "--save_every_n_epochs", "1")
+    assert result.global_step == 5 and len(result.losses) == 2
+    assert not (tmp_path / "lora-000001.safetensors").exists()  # epoch 1 is not redone
+    expected, resumed = load_file(uninterrupted / "lora.safetensors"), load_file(tmp_path / "lora.safetensors")
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+
+def test_state_rotation_keeps_its_own_count(tiny_single_file, shuffled_dataset, tmp_path):
+    """--save_last_n_steps_state rotates states on their own; --save_last_n_steps keeps the LoRA files."""
+    run(tiny_single_file, shuffled_dataset, tmp_path, "--save_every_n_steps", "1", "--save_last_n_steps", "10",
+        "--save_last_n_steps_state", "1")
+    assert sorted(p.name for p in tmp_path.glob("lora-step*.safetensors")) == [
+        f"lora-step{s:08d}.safetensors" for s in (1, 2, 3, 4)]
+    assert sorted(p.name for p in tmp_path.glob("lora-step*-state")) == [
+        "lora-step00000003-state", "lora-step00000004-state"]
 
 
 def test_state_folder_holds_every_part_and_no_pickle(uninterrupted):
