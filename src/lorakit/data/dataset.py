@@ -26,6 +26,7 @@ from lorakit.data.captions import CaptionOptions, process_caption
 from lorakit.data.images import load_image, load_mask
 from lorakit.data.latent_cache import CachedLatents, LatentItem
 from lorakit.data.records import DatasetRecords, ImageRecord
+from lorakit.data.text_cache import CachedText
 from lorakit.data.transforms import image_tensor, mask_tensor
 
 # sd-scripts' colour augmentation: a third of the draws change colour, half of those by a hue shift of up to
@@ -174,7 +175,7 @@ class BatchLoader(torch.utils.data.Dataset):
         step_of_batch: Callable[[int], int],
         max_train_steps: int,
         latents: Mapping[Path, CachedLatents] | None = None,
-        text: Callable[[list[str]], tuple[Tensor, Tensor]] | None = None,
+        text: Mapping[Path, CachedText] | None = None,
         masked_loss: bool = False,
         first_batch: int = 0,
     ):
@@ -193,24 +194,24 @@ class BatchLoader(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> TrainBatch:
         batch_index = index + self.first_batch
+        batch = self.batches[batch_index]
         items = [self._item(sample, item_rng(self.seed, self.epoch, batch_index, position),
                             self.step_of_batch(batch_index))
-                 for position, sample in enumerate(self.batches[batch_index])]
-        captions = [item["caption"] for item in items]
+                 for position, sample in enumerate(batch)]
         masks = [item["mask"] for item in items]
         any_mask = self.masked_loss or any(m is not None for m in masks)
         return TrainBatch(
-            paths=[sample.record.path for sample in self.batches[batch_index]],
-            captions=captions,
+            paths=[sample.record.path for sample in batch],
+            captions=[item["caption"] for item in items],
             time_ids=torch.tensor([item["time_ids"] for item in items], dtype=torch.float32),
-            loss_weights=torch.tensor([sample.record.loss_weight for sample in self.batches[batch_index]]),
+            loss_weights=torch.tensor([sample.record.loss_weight for sample in batch]),
             preserve=torch.tensor([bool(sample.record.subset.custom_attributes.get("diff_output_preservation"))
-                                   for sample in self.batches[batch_index]]),
+                                   for sample in batch]),
             latents=torch.stack([item["latents"] for item in items]) if self.latents is not None else None,
             pixels=torch.stack([item["pixels"] for item in items]) if self.latents is None else None,
             masks=torch.stack([_mask_or_ones(m, item) for m, item in zip(masks, items)])[:, None]
             if any_mask else None,
-            text=self.text(captions) if self.text is not None else None,
+            text=None if self.text is None else _stacked_text([self.text[sample.record.path] for sample in batch]),
         )
 
     def _item(self, sample: Sample, rng: random.Random, step: int) -> dict:
@@ -245,6 +246,10 @@ class BatchLoader(torch.utils.data.Dataset):
         item["time_ids"] = [height, width, crop_top, crop_left, sample.bucket[1], sample.bucket[0]]
         item["bucket"] = sample.bucket
         return item
+
+
+def _stacked_text(entries: Sequence[CachedText]) -> tuple[Tensor, Tensor]:
+    return (torch.stack([e.context for e in entries]).float(), torch.stack([e.pooled for e in entries]).float())
 
 
 def _mask_or_ones(mask: Tensor | None, item: dict) -> Tensor:

@@ -275,16 +275,21 @@ def cache_latents(
     batch_size: int = 1,
     to_disk: bool = False,
     progress: bool = True,
+    skip_check: bool = False,
 ) -> LatentCache:
     """Encode every image that has no valid cache (all of them in memory mode), in batches of `batch_size`
-    images of one bucket, largest buckets first; flipped copies are encoded alongside."""
+    images of one bucket, largest buckets first; flipped copies are encoded alongside.
+
+    `skip_check` (--skip_cache_check) uses any existing file that reads back with the bucket's shapes, without
+    comparing its fingerprint (for caches made elsewhere, at the user's risk)."""
     items = list(dict.fromkeys(items))  # an image repeated (num_repeats, several subsets) is encoded once
     entries: dict[LatentItem, CachedLatents] = {}
     todo: list[LatentItem] = []
     for item in items:
         if to_disk:
             path = latent_cache_path(item.image_path, item.bucket)
-            if read_cached_latents(path, fingerprint(item, vae_identity, vae.dtype), item) is not None:
+            expected = None if skip_check else fingerprint(item, vae_identity, vae.dtype)
+            if read_cached_latents(path, expected, item) is not None:
                 continue
         todo.append(item)
     if to_disk and len(todo) < len(items):

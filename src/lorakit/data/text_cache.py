@@ -177,8 +177,12 @@ def cache_text_encoder_outputs(
     batch_size: int = 1,
     to_disk: bool = False,
     progress: bool = True,
+    skip_check: bool = False,
 ) -> TextCache:
-    """Encode each distinct caption that has no valid cache once, in batches of `batch_size` captions."""
+    """Encode each distinct caption that has no valid cache once, in batches of `batch_size` captions.
+
+    `skip_check` (--skip_cache_check) uses any existing file that reads back with the right length, without
+    comparing its fingerprint."""
     length = sequence_length(max_token_length)
 
     settings = settings_fingerprint(tokenizers, encoders, encoders_identity, max_token_length, weighted)
@@ -189,7 +193,7 @@ def cache_text_encoder_outputs(
     pending: dict[str, list[TextItem]] = {}  # distinct caption -> the images (without a valid file) using it
     for item in items:
         path = text_cache_path(item.image_path)
-        if not to_disk or read_cached_text(path, expected(item.caption), length) is None:
+        if not to_disk or read_cached_text(path, None if skip_check else expected(item.caption), length) is None:
             pending.setdefault(item.caption, []).append(item)
     captions = list(pending)
     by_caption: dict[str, CachedText] = {}

@@ -40,16 +40,18 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from lorakit.config import TrainConfig
-from lorakit.data.dataset import BatchLoader, Sample, TrainBatch, TrainingData
+from lorakit.data.dataset import BatchLoader, Sample, TrainBatch, TrainingData, caption_options
 from lorakit.data.discovery import load_datasets
 from lorakit.data.latent_cache import cache_latents, check_latent_caching_allowed, encode_pixels
 from lorakit.data.summary import dataset_summary
+from lorakit.data.text_cache import (TextCache, TextItem, cache_text_encoder_outputs, cached_caption,
+                                     check_text_caching_allowed)
 from lorakit.errors import LorakitError
 from lorakit.models import load_sdxl
 from lorakit.models.vae import LATENT_SCALE
 from lorakit.network.apply import merge_lora, network_from_file, to_sgm_names
 from lorakit.network.io import load_network_weights, read_lora, save_network
-from lorakit.network.network import LoRANetwork, build_network
+from lorakit.network.network import LoRANetwork
 from lorakit.network.plugins import LORAKIT_MODULE, create_network
 from lorakit.train.fused import fuse_backward
 from lorakit.train.interrupt import StopRequest, TrainingInterrupted, resume_command
@@ -150,7 +152,7 @@ def train(config: TrainConfig) -> TrainResult:
         latents = cache_latents([s.latent_item() for s in data.all_samples() + validation_data.all_samples()], vae,
                                 vae_identity=(components.vae_identity or components.identity).name,
                                 batch_size=config.vae_batch_size, to_disk=config.cache_latents_to_disk,
-                                progress=accelerator.is_main_process)
+                                progress=accelerator.is_main_process, skip_check=config.skip_cache_check)
     train_text_encoder = not config.network_train_unet_only
     train_unet = not config.network_train_text_encoder_only
     for text_encoder in text_encoders:
@@ -159,7 +161,8 @@ def train(config: TrainConfig) -> TrainResult:
                                max_token_length=config.max_token_length, weighted_captions=config.weighted_captions)
     cached_text = None
     if config.cache_text_encoder_outputs:
-        cached_text = cache_text(data.all_samples() + validation_data.all_samples(), encode_text, weight_dtype)
+        cached_text = cache_text(data.all_samples() + validation_data.all_samples(), components, text_encoders,
+                                 config, accelerator.is_main_process)
     # Once cached, the VAE and the text encoders are released, or parked on the CPU when sample images need them.
     if latents is not None:
         if prompts:
@@ -517,30 +520,20 @@ def encode_latents(vae, pixels: torch.Tensor, vae_batch_size: int, generator: to
     return latents
 
 
-@torch.no_grad()
-def cache_text(samples: list[Sample], encode_text: TextEncoding, dtype: torch.dtype):
-    """Text-encoder outputs of every processed caption, computed once; returns a lookup for batches."""
-    from lorakit.data.captions import process_caption, randomising_option
-    from lorakit.data.dataset import caption_options
-
-    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def cache_text(samples: list[Sample], components, text_encoders, config: TrainConfig, progress: bool) -> TextCache:
+    """--cache_text_encoder_outputs[_to_disk]: both encoders' outputs of every processed caption, encoded once;
+    caption options that would change the caption between draws are refused."""
+    items = []
     for sample in samples:
         record = sample.record
         options = caption_options(record)
-        option = randomising_option(record.caption, options)
-        if option:
-            raise LorakitError(f"{record.subset.table}: {option} changes the caption every time it is drawn, so "
-                               "--cache_text_encoder_outputs cannot be used; turn one of them off")
-        caption = process_caption(record.caption, options, random.Random(0))
-        if caption not in outputs:
-            context, pooled = encode_text([caption])
-            outputs[caption] = (context[0].to("cpu", dtype), pooled[0].to("cpu", dtype))
-
-    def lookup(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.stack([outputs[c][0] for c in captions]).float(),
-                torch.stack([outputs[c][1] for c in captions]).float())
-
-    return lookup
+        check_text_caching_allowed(record.subset.table, options, {record.path: record.caption})
+        items.append(TextItem(record.path, cached_caption(record.caption, options)))
+    return cache_text_encoder_outputs(
+        items, (components.tokenizer1, components.tokenizer2), tuple(text_encoders),
+        encoders_identity=components.identity.name, max_token_length=config.max_token_length,
+        weighted=config.weighted_captions, batch_size=max(s.batch_size for s in samples), progress=progress,
+        to_disk=config.cache_text_encoder_outputs_to_disk, skip_check=config.skip_cache_check)
 
 
 # ---------------------------------------------------------------------------------------------------- set-up pieces
