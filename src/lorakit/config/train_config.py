@@ -51,7 +51,9 @@ class TrainConfig:
     tokenizer_cache_dir: str | None = MODEL.flag(
         None, str, "folder to save the tokenizers to and load them from (lorakit ships the vocabulary and never "
         "downloads)", metavar="PATH")
-    disable_mmap_load_safetensors: bool = MODEL.switch("read the checkpoint fully into memory instead of mmap")
+    disable_mmap_load_safetensors: bool = MODEL.switch(
+        "do not memory-map the checkpoint (lorakit never does: it reads it tensor by tensor, so RSS stays at one "
+        "model)")
     mixed_precision: str = MODEL.flag("no", str, "autocast dtype; frozen weights are stored in it too",
                                       choices=("no", "fp16", "bf16"))
     full_fp16: bool = MODEL.switch("LoRA weights and gradients in fp16 (needs --mixed_precision fp16)")
@@ -136,7 +138,8 @@ class TrainConfig:
     cache_text_encoder_outputs: bool = CACHING.switch("encode every caption once (trains the U-Net only)")
     cache_text_encoder_outputs_to_disk: bool = CACHING.switch(
         "store the text-encoder cache next to the images (implies --cache_text_encoder_outputs)")
-    skip_cache_check: bool = CACHING.switch("trust existing cache files without opening them")
+    skip_cache_check: bool = CACHING.switch(
+        "use existing cache files that read back with the right shapes without comparing their fingerprints")
 
     # --- network ---
     network_module: str | None = NETWORK.flag(None, str, "network module: networks.lora or lycoris.kohya",
