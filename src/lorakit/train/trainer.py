@@ -15,8 +15,20 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - precision: `--mixed_precision` through accelerate, `--full_bf16/--full_fp16`, fp8 base weights, gradient
   checkpointing, SDPA / xformers attention, `torch.compile`.
 - outputs: sd-scripts' file names, cadence and rotation, metadata, atomic writes; a NaN loss stops the run with the
-  batch's image paths and leaves saved files intact.
-- processes: `accelerate launch` data parallel; batches are sharded by rank and LoRA gradients averaged.
+  batch's image paths and leaves saved files intact; free disk space is checked before each save.
+- states: `--save_state` writes `lorakit.train.state` folders beside the LoRA files (`--save_state_on_train_end`,
+  `--save_last_n_*_state` rotation); `--resume` continues at the exact batch, bit-identical to an uninterrupted run.
+  Every random draw of a batch (captions, flips, crops, noise, timesteps) is seeded by its place in the run, so
+  neither a resume nor the number of processes changes what is drawn.
+- Ctrl-C / SIGTERM: the step in progress is finished, then `{name}-step{N:08d}.safetensors` and its `-state`
+  folder are saved (ordinary step-checkpoint names, so rotation and --resume treat them like any other) and the
+  resume command printed; exit status 130 (`lorakit.train.interrupt`).
+- logs and looks: the reference's TensorBoard/wandb keys, `{output_name or "last"}_curves.png` (loss and LR curves)
+  in the output folder at the end, sample images (`lorakit.train.sampling`) from the live modules, validation loss
+  (`lorakit.train.validation`).
+- processes: `accelerate launch` / torchrun data parallel (gloo on machines without CUDA); batches are sharded by
+  rank, LoRA gradients averaged, weights checked identical across ranks at every save; saves and samples on the
+  main process.
 """
 
 from __future__ import annotations
@@ -249,7 +261,7 @@ def train(config: TrainConfig) -> TrainResult:
     gas = config.gradient_accumulation_steps
     if resumed is not None:
         restore(resumed, network, optimizer, lr_scheduler, rank)
-    start = start_position(config, plan, resumed)
+    start = start_position(config, plan, resumed, world)
     if resumed is None and start.global_step:
         advance_scheduler(lr_scheduler, start.global_step)
     log = TrainingLog.from_config(config, enabled=accelerator.is_main_process)
@@ -725,7 +737,7 @@ def run_seed(config: TrainConfig, resumed: TrainState | None) -> int:
     return config.seed if config.seed is not None else random.randrange(2**32)
 
 
-def start_position(config: TrainConfig, plan: StepPlan, resumed: TrainState | None) -> StartPosition:
+def start_position(config: TrainConfig, plan: StepPlan, resumed: TrainState | None, world: int) -> StartPosition:
     """Where the loop starts: a resumed state's exact position, or --initial_step / --initial_epoch (which win).
 
     --initial_step S is absolute: the run counts steps (names, `ss_steps`, the LR schedule, --max_train_steps)
@@ -750,6 +762,10 @@ def start_position(config: TrainConfig, plan: StepPlan, resumed: TrainState | No
     progress = resumed.progress
     if progress["epoch_finished"]:
         return StartPosition(resumed.global_step, int(progress["epoch"]) + 1, 0)
+    if int(progress.get("num_processes", 1)) != world:
+        raise LorakitError(f"--resume: the state was saved mid-epoch by {progress.get('num_processes')} processes "
+                           f"and this run has {world}; resume with the same number of processes (states saved at "
+                           "an epoch's end resume with any number)")
     return StartPosition(resumed.global_step, int(progress["epoch"]), int(progress["batches_done"]))
 
 
