@@ -452,3 +452,41 @@ def test_full_bf16_trains_bf16_lora_weights_and_saves_them_as_float(tiny_single_
     # Trained in bf16: every saved value is exactly representable in bf16.
     assert all(torch.equal(t, t.to(torch.bfloat16).float()) for t in state.values())
     assert metadata["ss_mixed_precision"] == "bf16"
+
+
+def test_save_cadence_and_rotation_of_files_and_states_in_a_run(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image  # one image: every epoch is one step
+    run(tiny_single_file, dataset, tmp_path, "--max_train_epochs", "4", "--save_every_n_epochs", "1",
+        "--save_last_n_epochs", "2", "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--save_state",
+        "--save_last_n_epochs_state", "1", "--save_last_n_steps_state", "2", "--network_train_unet_only",
+        "--cache_latents", "--cache_text_encoder_outputs")
+    # Reference §6.1: after saving epoch e, epoch e - every * M goes; after step s, step s - N - 1 goes (states by
+    # their own counts); the last epoch/step writes the final file and state only.
+    files = sorted(p.name for p in tmp_path.glob("lora*.safetensors"))
+    assert files == ["lora-000002.safetensors", "lora-000003.safetensors", "lora-step00000002.safetensors",
+                     "lora-step00000003.safetensors", "lora.safetensors"]
+    states = sorted(p.name for p in tmp_path.glob("lora*-state"))
+    assert states == ["lora-000003-state", "lora-state", "lora-step00000001-state", "lora-step00000002-state",
+                      "lora-step00000003-state"]
+
+
+def test_save_n_epoch_ratio_and_state_on_train_end(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image
+    run(tiny_single_file, dataset, tmp_path, "--max_train_epochs", "4", "--save_n_epoch_ratio", "2",
+        "--save_state_on_train_end", "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs")
+    # 4 epochs / ratio 2: every 2nd epoch; the state only at the end.
+    assert sorted(p.name for p in tmp_path.glob("lora[-.]*")) == ["lora-000002.safetensors", "lora-state",
+                                                                  "lora.safetensors"]
+
+
+def test_fp8_base_unet_trains_close_to_bf16(tiny_single_file, one_image, tmp_path, fresh_accelerate_state):
+    dataset, _ = one_image
+    common = ["--max_train_steps", "2", "--mixed_precision", "bf16", "--network_train_unet_only", "--cache_latents",
+              "--cache_text_encoder_outputs", "--learning_rate", "1e-2"]
+    bf16 = run(tiny_single_file, dataset, tmp_path / "bf16", *common)
+    fp8 = run(tiny_single_file, dataset, tmp_path / "fp8", *common, "--fp8_base_unet")
+    # float8 storage rounds the U-Net's weights: the same step gives a nearby, different loss.
+    assert fp8.losses[0] != bf16.losses[0]
+    assert fp8.losses[0] == pytest.approx(bf16.losses[0], rel=0.1)
+    state, _ = read_lora(fp8.final_file)
+    assert all(torch.isfinite(t).all() for t in state.values())
