@@ -134,3 +134,19 @@ def test_resume_command_keeps_the_command_line_and_replaces_an_earlier_resume():
     assert resume_command(["sdxl_train_network.py", "--resume=old"], "s", executable="py") == \
         "py sdxl_train_network.py --resume s"
     assert json.dumps(resume_command(["lorakit", "train"], "s")) == '"lorakit train --resume s"'
+
+
+def test_second_sigint_exits_at_once_leaving_only_complete_files(command, tmp_path):
+    output = tmp_path / "twice"
+    process = subprocess.Popen(command(output), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(output / "lora-step00000002.safetensors", process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "again: stopping now" in stderr
+    for path in output.glob("*.safetensors"):
+        assert load_file(path)  # every visible LoRA file is whole
+    for folder in output.glob("*-state"):
+        read_state(folder)  # every visible state folder is complete
