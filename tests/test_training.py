@@ -356,7 +356,7 @@ def test_saving_and_metadata_flags_reach_the_files(tiny_single_file, own_image, 
     run(tiny_single_file, dataset, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
         "--save_precision", "fp16", "--save_model_as", "safetensors", "--network_module", "networks.lora",
         "--training_comment", "a comment", "--clip_skip", "2", "--network_dropout", "0.1", "--cache_latents_to_disk",
-        "--vae_batch_size", "2", "--network_train_unet_only", *metadata_args)
+        "--cache_text_encoder_outputs_to_disk", "--vae_batch_size", "2", *metadata_args)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["lora-000001.safetensors",
                                                                                 "lora.safetensors"]
     state, metadata = read_lora(tmp_path / "out" / "lora.safetensors")
@@ -366,7 +366,9 @@ def test_saving_and_metadata_flags_reach_the_files(tiny_single_file, own_image, 
     assert (metadata["ss_training_comment"], metadata["ss_clip_skip"]) == ("a comment", "2")
     assert (metadata["ss_network_dropout"], metadata["ss_num_epochs"], metadata["ss_epoch"]) == ("0.1", "2", "2")
     assert (metadata["ss_network_module"], metadata["ss_cache_latents"]) == ("networks.lora", "True")
-    assert len(list(image.parent.glob(f"{image.stem}_64x64_lorakit.safetensors"))) == 1  # the latent disk cache
+    # The disk caches beside the image (--cache_text_encoder_outputs_to_disk implies U-Net-only training).
+    assert image.with_name(f"{image.stem}_64x64_lorakit.safetensors").is_file()
+    assert image.with_name(f"{image.stem}_lorakit_te.safetensors").is_file()
 
 
 def test_no_metadata_keeps_the_minimal_keys_and_ckpt_files_load_without_pickle(tiny_single_file, one_image,
