@@ -492,3 +492,29 @@ def test_fp8_base_unet_trains_close_to_bf16(tiny_single_file, one_image, tmp_pat
     assert fp8.losses[0] == pytest.approx(bf16.losses[0], rel=0.1)
     state, _ = read_lora(fp8.final_file)
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_initial_epoch_starts_the_step_count_at_that_epoch(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image  # one step per epoch
+    result = run(tiny_single_file, dataset, tmp_path, "--max_train_epochs", "3", "--initial_epoch", "2",
+                 "--save_every_n_epochs", "1", "--network_train_unet_only", "--cache_latents",
+                 "--cache_text_encoder_outputs")
+    assert (result.global_step, len(result.losses)) == (3, 2)  # epochs 2 and 3 trained, counted from step 1
+    assert sorted(p.name for p in tmp_path.glob("lora*.safetensors")) == ["lora-000002.safetensors",
+                                                                          "lora.safetensors"]
+    _, metadata = read_lora(tmp_path / "lora-000002.safetensors")
+    assert (metadata["ss_epoch"], metadata["ss_steps"]) == ("2", "2")
+
+
+def test_sample_every_n_epochs_samples_after_each_epoch(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 1 --d 5\n")
+    run(tiny_single_file, dataset, tmp_path, "--max_train_epochs", "2", "--sample_every_n_epochs", "1",
+        "--sample_prompts", str(prompts), "--network_train_unet_only", "--cache_latents",
+        "--cache_text_encoder_outputs")
+    names = sorted(p.name for p in (tmp_path / "sample").iterdir())
+    for epoch in ("e000001", "e000002"):  # sd-scripts' epoch tag; seed 5 from --d ends the image name
+        assert len([n for n in names if n.startswith(f"lora_{epoch}_00_") and n.endswith("_5.png")]) == 1, names
+        assert len([n for n in names if n.startswith(f"lora_{epoch}_") and n.endswith("_contact.png")]) == 1, names
+    assert len(names) == 4
