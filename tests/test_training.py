@@ -518,3 +518,27 @@ def test_sample_every_n_epochs_samples_after_each_epoch(tiny_single_file, one_im
         assert len([n for n in names if n.startswith(f"lora_{epoch}_00_") and n.endswith("_5.png")]) == 1, names
         assert len([n for n in names if n.startswith(f"lora_{epoch}_") and n.endswith("_contact.png")]) == 1, names
     assert len(names) == 4
+
+
+def logged_scalars(logging_dir: Path, key: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = logging_dir.glob("*/network_train/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(key)]
+
+
+def test_validation_every_epoch_and_max_validation_steps(tiny_single_file, tmp_path):
+    write_image_folder(tmp_path / "img", 3, ((64, 64),))
+    dataset = write_dataset_toml(tmp_path / "dataset.toml", tmp_path / "img", resolution=64)
+    common = ["--max_train_epochs", "2", "--validation_split", "0.67", "--validate_every_n_epochs", "1",
+              "--network_train_unet_only", "--cache_latents"]
+    run(tiny_single_file, dataset, tmp_path / "all", *common, "--logging_dir", str(tmp_path / "all" / "logs"))
+    run(tiny_single_file, dataset, tmp_path / "one", *common, "--logging_dir", str(tmp_path / "one" / "logs"),
+        "--max_validation_steps", "1")
+    every = logged_scalars(tmp_path / "all" / "logs", "loss/validation/epoch_average")
+    first = logged_scalars(tmp_path / "one" / "logs", "loss/validation/epoch_average")
+    assert len(every) == len(first) == 2  # after each of the 2 epochs
+    # Two validation images; --max_validation_steps 1 evaluates only the first batch, so the averages differ.
+    assert all(a != b for (_, a), (_, b) in zip(every, first))
