@@ -542,3 +542,27 @@ def test_validation_every_epoch_and_max_validation_steps(tiny_single_file, tmp_p
     assert len(every) == len(first) == 2  # after each of the 2 epochs
     # Two validation images; --max_validation_steps 1 evaluates only the first batch, so the averages differ.
     assert all(a != b for (_, a), (_, b) in zip(every, first))
+
+
+def test_no_half_vae_encodes_latents_in_float32_under_bf16(tiny_single_file, own_image, tmp_path,
+                                                           fresh_accelerate_state):
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    dataset, image = own_image
+    cache = image.with_name(f"{image.stem}_64x64_lorakit.safetensors")
+
+    def cached_latents(*args: str) -> dict[str, torch.Tensor]:
+        AcceleratorState._reset_state()
+        run(tiny_single_file, dataset, tmp_path / "out", "--max_train_steps", "1", "--network_train_unet_only",
+            "--cache_latents_to_disk", "--cache_text_encoder_outputs", *args)
+        tensors = load_file(cache)
+        cache.unlink()
+        return tensors
+
+    fp32 = cached_latents()
+    no_half = cached_latents("--mixed_precision", "bf16", "--no_half_vae")
+    half = cached_latents("--mixed_precision", "bf16")
+    assert fp32.keys() == no_half.keys() == half.keys()
+    assert all(torch.equal(fp32[k], no_half[k]) for k in fp32)
+    assert any(not torch.equal(fp32[k], half[k]) for k in fp32)  # the bf16 VAE rounds

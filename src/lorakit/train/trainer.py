@@ -60,6 +60,7 @@ from lorakit.data.text_cache import (TextCache, TextItem, cache_text_encoder_out
                                      check_text_caching_allowed)
 from lorakit.errors import LorakitError
 from lorakit.models import load_sdxl
+from lorakit.models.loading import load_vae
 from lorakit.models.vae import LATENT_SCALE
 from lorakit.network.apply import merge_lora, network_from_file, to_sgm_names
 from lorakit.network.io import load_network_weights, read_lora, save_network
@@ -149,6 +150,10 @@ def train(config: TrainConfig) -> TrainResult:
     vae_dtype = torch.float32 if config.no_half_vae else weight_dtype
     components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu",
                            tokenizer_cache_dir=config.tokenizer_cache_dir)
+    vae_source = config.vae or config.pretrained_model_name_or_path
+    if config.no_half_vae and weight_dtype != torch.float32 and os.path.exists(vae_source):
+        # The VAE's own weights in fp32, not the copy already rounded to the mixed dtype while loading.
+        components.vae = load_vae(vae_source, torch.float32)
     unet, vae = components.unet, components.vae.to(vae_dtype)
     text_encoders = [components.text_encoder1, components.text_encoder2]
     for model in (unet, vae, *text_encoders):
