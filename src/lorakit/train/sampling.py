@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -53,6 +52,7 @@ from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
 from lorakit.models.text_encoding import encode_tokens
 from lorakit.train.sample_prompts import SamplePrompt
+from lorakit.train.state import preserved_rng
 
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler config. The reference builds its samplers with diffusers'
 # defaults and forces clip_sample=True: clipping x0 to ±1 is meant for pixel-space models and dulls SDXL latents.
@@ -144,7 +144,7 @@ def generate_samples(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokeni
     modules = [m for m in (unet, vae, text_encoder1, text_encoder2, network) if m is not None]
 
     images, paths, seeds = [], [], []
-    with _preserved_rng(), _eval_mode(modules), _on_device(vae, device):
+    with preserved_rng(), _eval_mode(modules), _on_device(vae, device):
         for index, prompt in enumerate(prompts):
             seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(2**32)
             image = _generate(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2, prompt, seed,
@@ -241,21 +241,6 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
         lines = lines[:max_lines]
         lines[-1] += " …"
     return lines or [""]
-
-
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Restore every global RNG afterwards, so training draws the same numbers with or without sampling."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 @contextlib.contextmanager

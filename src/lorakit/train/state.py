@@ -16,12 +16,13 @@ The folder is written under a temporary name and renamed when complete (`lorakit
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -119,6 +120,16 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def rng_json() -> str:
     return json.dumps(encode(rng_state(), None))
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Put every global RNG back as it was afterwards: sampling and validation never change training's stream."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 # ---------------------------------------------------------------- the folder

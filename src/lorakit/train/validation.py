@@ -4,14 +4,14 @@ what training draws, and the same weights always give the same validation loss."
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from lorakit.train.state import preserved_rng
 from lorakit.train.step import StepOptions
 
 NUM_TIMESTEPS = 6  # linspace(min_t, max_t, 6) without its ends: 4 timesteps (200, 400, 600, 800 by default)
@@ -35,21 +35,6 @@ def should_validate(when: str, *, global_step: int, epoch: int, every_n_steps: i
     if when == "step":
         return bool(every_n_steps) and global_step % every_n_steps == 0
     return epoch % (every_n_epochs or 1) == 0
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Put python, numpy and torch (CPU, CUDA) RNG states back as they were."""
-    python, numpy_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 @torch.no_grad()
