@@ -201,7 +201,7 @@ EXERCISED = {
     "text_encoder_lr": "test_training.py::test_text_encoders_train_in_their_own_groups_at_their_own_rates",
     "text_encoder_lr1": "test_training.py::test_text_encoders_train_in_their_own_groups_at_their_own_rates",
     "text_encoder_lr2": "test_training.py::test_text_encoders_train_in_their_own_groups_at_their_own_rates",
-    "max_grad_norm": "test_fused_backward.py::test_fused_clips_each_parameter_by_its_own_norm",
+    "max_grad_norm": "test_training.py::test_max_grad_norm_clips_the_global_gradient_norm",
     "lr_scheduler": SCHEDULES, "lr_warmup_steps": SCHEDULES, "lr_decay_steps": SCHEDULES,
     "lr_scheduler_num_cycles": SCHEDULES, "lr_scheduler_power": SCHEDULES, "lr_scheduler_timescale": SCHEDULES,
     "lr_scheduler_min_lr_ratio": SCHEDULES, "lr_scheduler_type": "test_schedulers.py::test_custom_scheduler_type_with_args",

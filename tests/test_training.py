@@ -566,3 +566,18 @@ def test_no_half_vae_encodes_latents_in_float32_under_bf16(tiny_single_file, own
     assert fp32.keys() == no_half.keys() == half.keys()
     assert all(torch.equal(fp32[k], no_half[k]) for k in fp32)
     assert any(not torch.equal(fp32[k], half[k]) for k in fp32)  # the bf16 VAE rounds
+
+
+def test_max_grad_norm_clips_the_global_gradient_norm(tiny_single_file, one_image, tmp_path):
+    dataset, _ = one_image
+    common = ["--max_train_steps", "1", "--optimizer_type", "SGD", "--learning_rate", "1.0",
+              "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs"]
+
+    def update_norm(*args: str) -> float:
+        state, _ = read_lora(run(tiny_single_file, dataset, tmp_path / str(len(args)), *common, *args).final_file)
+        # Plain SGD at lr 1 from up = 0: the up weights are minus the (clipped) gradient; the down weights get no
+        # gradient on the first step (their gradient is multiplied by up = 0).
+        return torch.cat([t.flatten() for k, t in state.items() if ".lora_up." in k]).norm().item()
+
+    assert update_norm("--max_grad_norm", "1e-3") == pytest.approx(1e-3, rel=1e-4)
+    assert update_norm("--max_grad_norm", "0") > 2e-3  # unclipped, the gradient is larger
