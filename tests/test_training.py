@@ -481,15 +481,18 @@ def test_save_n_epoch_ratio_and_state_on_train_end(tiny_single_file, one_image, 
                                                                   "lora.safetensors"]
 
 
-def test_fp8_base_unet_trains_close_to_bf16(tiny_single_file, one_image, tmp_path, fresh_accelerate_state):
+def test_fp8_base_and_fp8_base_unet_train_close_to_bf16(tiny_single_file, one_image, tmp_path, fresh_accelerate_state):
     dataset, _ = one_image
     common = ["--max_train_steps", "2", "--mixed_precision", "bf16", "--network_train_unet_only", "--cache_latents",
-              "--cache_text_encoder_outputs", "--learning_rate", "1e-2"]
+              "--learning_rate", "1e-2"]  # live text encoders: --fp8_base stores theirs in float8 too
     bf16 = run(tiny_single_file, dataset, tmp_path / "bf16", *common)
     fp8 = run(tiny_single_file, dataset, tmp_path / "fp8", *common, "--fp8_base_unet")
-    # float8 storage rounds the U-Net's weights: the same step gives a nearby, different loss.
-    assert fp8.losses[0] != bf16.losses[0]
+    fp8_all = run(tiny_single_file, dataset, tmp_path / "fp8_all", *common, "--fp8_base")
+    # float8 storage rounds the U-Net's weights (and with --fp8_base the text encoders' too): the same step gives a
+    # nearby, different loss.
+    assert len({bf16.losses[0], fp8.losses[0], fp8_all.losses[0]}) == 3
     assert fp8.losses[0] == pytest.approx(bf16.losses[0], rel=0.1)
+    assert fp8_all.losses[0] == pytest.approx(bf16.losses[0], rel=0.1)
     state, _ = read_lora(fp8.final_file)
     assert all(torch.isfinite(t).all() for t in state.values())
 
@@ -581,3 +584,13 @@ def test_max_grad_norm_clips_the_global_gradient_norm(tiny_single_file, one_imag
 
     assert update_norm("--max_grad_norm", "1e-3") == pytest.approx(1e-3, rel=1e-4)
     assert update_norm("--max_grad_norm", "0") > 2e-3  # unclipped, the gradient is larger
+
+
+def test_attention_flags_and_tokenizer_cache_dir(tiny_single_file, one_image, tmp_path, caplog):
+    dataset, _ = one_image
+    with caplog.at_level("INFO", logger="lorakit"):
+        run(tiny_single_file, dataset, tmp_path / "out", "--max_train_steps", "1", "--network_train_unet_only",
+            "--cache_latents", "--mem_eff_attn", "--sdpa", "--tokenizer_cache_dir", str(tmp_path / "tokenizers"))
+    assert "--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention" in caplog.text
+    saved = sorted(p.parent.name for p in (tmp_path / "tokenizers").glob("*/tokenizer_config.json"))
+    assert saved == ["laion_CLIP-ViT-bigG-14-laion2B-39B-b160k", "openai_clip-vit-large-patch14"]  # sd-scripts' names
