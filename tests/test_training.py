@@ -68,8 +68,9 @@ def fixed_loss(unet, latents, context, pooled, time_ids, timesteps=(100, 300, 50
 def test_training_on_one_image_lowers_the_loss_at_fixed_timesteps_and_noise(tiny_components, tiny_single_file,
                                                                            one_image, tmp_path):
     dataset, image = one_image
-    result = run(tiny_single_file, dataset, tmp_path, "--max_train_steps", str(STEPS), "--learning_rate", "3e-2", "--network_train_unet_only", "--cache_latents",
-                 "--cache_text_encoder_outputs", "--optimizer_type", "AdamW")
+    result = run(tiny_single_file, dataset, tmp_path, "--max_train_steps", str(STEPS), "--learning_rate", "3e-2",
+                 "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
+                 "--optimizer_type", "AdamW")
     assert result.global_step == STEPS and result.final_file == tmp_path / "lora.safetensors"
 
     c = tiny_components
