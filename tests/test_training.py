@@ -293,10 +293,10 @@ def test_nan_loss_stops_with_the_image_paths_and_keeps_the_saved_file(tiny_singl
     dataset, image = one_image
     # Plain SGD without clipping at lr 1e38 makes the LoRA weights overflow after the first step, so the second
     # step's loss is not finite; the step-1 file is saved before that.
+    common = ["--optimizer_type", "SGD", "--learning_rate", "1e38", "--max_grad_norm", "0", "--cache_latents",
+              "--cache_text_encoder_outputs"]
     with pytest.raises(NonFiniteLoss) as error:
-        run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "3", "--save_every_n_steps", "1",
-            "--optimizer_type", "SGD", "--learning_rate", "1e38", "--max_grad_norm", "0", "--cache_latents",
-            "--cache_text_encoder_outputs")
+        run(tiny_single_file, dataset, tmp_path, "--max_train_steps", "3", "--save_every_n_steps", "1", *common)
     message = str(error.value)
     assert "\n" not in message and re.match(r"loss is (nan|inf) at step 2 \(epoch 2\)", message), message
     assert str(image) in message and "--no_half_vae" in message
@@ -305,6 +305,10 @@ def test_nan_loss_stops_with_the_image_paths_and_keeps_the_saved_file(tiny_singl
     assert metadata["ss_steps"] == "1" and all(torch.isfinite(t).all() for t in state.values())
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == [saved.name]
     assert not list(tmp_path.glob(".*"))  # no temporary left over from a partial write
+    # The same seeded run stopped after one step saves the same weights: the step-1 file was not touched after.
+    alone, _ = read_lora(run(tiny_single_file, dataset, tmp_path / "one-step", "--max_train_steps", "1",
+                             *common).final_file)
+    assert state.keys() == alone.keys() and all(torch.equal(state[k], alone[k]) for k in state)
 
 
 # ---------------------------------------------------------------------------------------------------- fused backward
