@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 
@@ -599,3 +600,18 @@ def test_attention_flags_and_tokenizer_cache_dir(tiny_single_file, one_image, tm
     assert "--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention" in caplog.text
     saved = sorted(p.parent.name for p in (tmp_path / "tokenizers").glob("*/tokenizer_config.json"))
     assert saved == ["laion_CLIP-ViT-bigG-14-laion2B-39B-b160k", "openai_clip-vit-large-patch14"]  # sd-scripts' names
+
+
+def test_skip_cache_check_reuses_a_latent_cache_whose_fingerprint_is_stale(tiny_single_file, own_image, tmp_path):
+    dataset, image = own_image
+    cache = image.with_name(f"{image.stem}_64x64_lorakit.safetensors")
+
+    def train_once(*args: str) -> int:
+        run(tiny_single_file, dataset, tmp_path / "out", "--max_train_steps", "1", "--network_train_unet_only",
+            "--cache_latents_to_disk", "--cache_text_encoder_outputs", *args)
+        return cache.stat().st_mtime_ns
+
+    written = train_once()
+    os.utime(image, ns=(written + 10**9, written + 10**9))  # the image looks changed: the fingerprint is stale
+    assert train_once("--skip_cache_check") == written  # trusted as it is
+    assert train_once() != written  # checked: encoded again
