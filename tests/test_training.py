@@ -615,3 +615,14 @@ def test_skip_cache_check_reuses_a_latent_cache_whose_fingerprint_is_stale(tiny_
     os.utime(image, ns=(written + 10**9, written + 10**9))  # the image looks changed: the fingerprint is stale
     assert train_once("--skip_cache_check") == written  # trusted as it is
     assert train_once() != written  # checked: encoded again
+
+
+def test_bucket_flags_shape_the_buckets_of_a_command_line_dataset(tmp_path, capsys):
+    write_image_folder(tmp_path / "train" / "2_lkt", 2, ((64, 64), (128, 64)))
+    train(parse_train_args(["--pretrained_model_name_or_path", str(tmp_path / "not-read.safetensors"),
+                            "--train_data_dir", str(tmp_path / "train"), "--resolution", "64", "--enable_bucket",
+                            "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+                            "--caption_extension", ".txt", "--dry_run"]))
+    out = capsys.readouterr().out
+    assert "buckets 32..128 step 32" in out, out
+    assert "2 images x 2 = 4 samples" in out, out
