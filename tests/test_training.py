@@ -626,3 +626,33 @@ def test_bucket_flags_shape_the_buckets_of_a_command_line_dataset(tmp_path, caps
     out = capsys.readouterr().out
     assert "buckets 32..128 step 32" in out, out
     assert "2 images x 2 = 4 samples" in out, out
+
+
+def test_ddp_flags_reach_accelerate(fresh_accelerate_state):
+    from lorakit.train.trainer import make_accelerator
+
+    config = parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config", "d.toml",
+                               "--ddp_timeout", "7", "--ddp_gradient_as_bucket_view", "--ddp_static_graph"])
+    accelerator = make_accelerator(config)
+    assert accelerator.init_handler.timeout.total_seconds() == 7 * 60
+    assert accelerator.ddp_handler.gradient_as_bucket_view and accelerator.ddp_handler.static_graph
+
+
+def test_validation_seed_chooses_the_held_out_images(tmp_path):
+    from lorakit.data.dataset import TrainingData
+    from lorakit.data.discovery import load_datasets
+
+    write_image_folder(tmp_path / "img", 6, ((64, 64),))
+    dataset = write_dataset_toml(tmp_path / "d.toml", tmp_path / "img", resolution=64)
+
+    def held_out(validation_seed: int) -> frozenset[str]:
+        config = parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config",
+                                   str(dataset), "--validation_split", "0.5", "--validation_seed",
+                                   str(validation_seed), "--seed", "1"])
+        data = TrainingData(load_datasets(dataclasses.asdict(config)), 1, validation=True)
+        return frozenset(sample.record.path.name for sample in data.all_samples())
+
+    splits = [held_out(seed) for seed in range(4)]
+    assert all(len(split) == 3 for split in splits)
+    assert len(set(splits)) > 1  # the seed chooses which half is held out
+    assert held_out(2) == splits[2]  # and the same seed the same half
