@@ -656,3 +656,36 @@ def test_validation_seed_chooses_the_held_out_images(tmp_path):
     assert all(len(split) == 3 for split in splits)
     assert len(set(splits)) > 1  # the seed chooses which half is held out
     assert held_out(2) == splits[2]  # and the same seed the same half
+
+
+def test_console_log_level_drops_lower_levels(tmp_path):
+    import logging
+
+    from lorakit.train.cli import configure_logging
+
+    root, lorakit_logger = logging.getLogger(), logging.getLogger("lorakit")
+    saved = (root.handlers[:], root.level, lorakit_logger.level)
+    try:
+        configure_logging("WARNING", str(tmp_path / "log.txt"), True)
+        lorakit_logger.info("an info line")
+        lorakit_logger.warning("a warning line")
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        lorakit_logger.setLevel(saved[2])
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["a warning line"]
+
+
+def test_fp16_on_a_cpu_only_machine_is_refused_in_one_line(fresh_accelerate_state):
+    from lorakit.train.trainer import make_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on this machine's GPU")
+    config = parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config", "d.toml",
+                               "--mixed_precision", "fp16", "--full_fp16"])
+    with pytest.raises(LorakitError, match=r"^--mixed_precision fp16 needs a GPU: .* use --mixed_precision bf16"):
+        make_accelerator(config)
