@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python bench/train_step.py [--size tiny|full] [--steps N] [--checkpoint PATH]
                                               [--runs adamw fused] [--resolution 256] [--threads N]
-                                              [--profile] [--keep]
+                                              [--extra "FLAGS"] [--profile] [--keep]
 
 Each run is the real `lorakit train` (`lorakit.train.cli.main`) in a fresh process, on one synthetic
 `resolution`² image repeated for N steps: batch 1, LoRA dim 8, U-Net only, `--mixed_precision bf16 --full_bf16
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="an SDXL single-file checkpoint to reuse instead of a random one")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=sorted(RUNS))
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--extra", default="", help="more `lorakit train` flags for every run, e.g. "
+                        "'--torch_compile' (the reference's figures are for the settings above)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the training process (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the second step")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and a checkpoint this run made")
@@ -79,10 +82,11 @@ def main() -> None:
             print(f"random {args.size} checkpoint written in {time.perf_counter() - started:.0f} s")
         dataset = write_dataset(work, args.resolution, steps)
         print(f"checkpoint {checkpoint} ({os.path.getsize(checkpoint) / GB:.2f} GB), {args.resolution} px, "
-              f"{steps} steps per run, {os.cpu_count()} CPUs")
+              f"{steps} steps per run, {os.cpu_count()} CPUs" + (f", extra flags: {args.extra}" if args.extra else ""))
         for name in args.runs:
             argv = ["--pretrained_model_name_or_path", checkpoint, "--dataset_config", str(dataset),
-                    "--output_dir", str(work / name), "--max_train_steps", str(steps), *COMMON, *RUNS[name]]
+                    "--output_dir", str(work / name), "--max_train_steps", str(steps), *COMMON, *RUNS[name],
+                    *shlex.split(args.extra)]
             load_before = _load_average()
             result = _child({"argv": argv, "profile": args.profile, "fused": name == "fused"}, args.threads)
             report(name, args.size, result, load_before, _load_average())
