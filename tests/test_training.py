@@ -45,6 +45,16 @@ def run(model: Path, dataset: Path, output: Path, *args: str):
     return train(parse_train_args(argv))
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process: reset it around a test that uses another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 # ---------------------------------------------------------------------------------------------------- learning
 
 
@@ -64,6 +74,12 @@ def fixed_loss(unet, latents, context, pooled, time_ids, timesteps=(100, 300, 50
             total += diffusion_loss(unet, latents, context, pooled, time_ids, options,
                                     torch.Generator().manual_seed(1000 + t)).item()
     return total / len(timesteps)
+
+
+# Measured (fp32, dim 8, alpha 8, AdamW at 3e-2, 8 steps): the fixed-timestep loss fell from 1.426 to 1.155 /
+# 1.165 / 1.128 with seeds 0 / 1 / 2 (drops 0.27 / 0.26 / 0.30); at 1e-2 (seed 0) by 0.21; at 1e-3 by only 0.01.
+STEPS = 8
+LEARNING_MARGIN = 0.1
 
 
 def test_training_on_one_image_lowers_the_loss_at_fixed_timesteps_and_noise(tiny_components, tiny_single_file,
@@ -86,11 +102,6 @@ def test_training_on_one_image_lowers_the_loss_at_fixed_timesteps_and_noise(tiny
     after = fixed_loss(unet, latents, context, pooled, time_ids)
     assert after < before - LEARNING_MARGIN, (before, after)
 
-
-# Measured (fp32, dim 8, alpha 8, AdamW at 3e-2, 8 steps): the fixed-timestep loss fell from 1.426 to 1.122 /
-# 1.159 / 1.135 with seeds 0 / 1 / 2 (drops 0.30 / 0.27 / 0.29); at 1e-2 by 0.23 / 0.20; at 1e-3 by only 0.01.
-STEPS = 8
-LEARNING_MARGIN = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------- loss options
@@ -435,16 +446,6 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(one_image, tmp_path, capsy
     out = capsys.readouterr().out
     assert "optimizer steps per epoch 1, epochs 3, total steps 3" in out and "memory estimate" in out
     assert not list(tmp_path.glob("*.safetensors"))
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one mixed-precision setting per process: reset it around a test that uses another."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
 
 
 def test_full_bf16_trains_bf16_lora_weights_and_saves_them_as_float(tiny_single_file, one_image, tmp_path,
