@@ -38,3 +38,15 @@ def test_a_caption_longer_than_77_tokens_is_truncated_on_the_right() -> None:
 
 def test_tokenizers_are_cached() -> None:
     assert load_tokenizers() is load_tokenizers()
+
+
+def test_tokenizer_cache_dir_saves_once_then_loads_what_is_there(tmp_path):
+    from lorakit.models.tokenizers import CACHE_NAMES, cached_tokenizers
+
+    first = cached_tokenizers(tmp_path)
+    saved = {name: (tmp_path / name / "tokenizer_config.json").stat().st_mtime_ns for name in CACHE_NAMES}
+    second = cached_tokenizers(tmp_path)
+    assert {name: (tmp_path / name / "tokenizer_config.json").stat().st_mtime_ns for name in CACHE_NAMES} == saved
+    for a, b in zip(first, second):
+        assert a("a photo of a cat").input_ids == b("a photo of a cat").input_ids
+    assert second[1].pad_token_id == 0 and second[0].pad_token_id == 49407

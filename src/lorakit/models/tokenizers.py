@@ -67,7 +67,7 @@ def cached_tokenizers(cache_dir: str | os.PathLike) -> tuple[CLIPTokenizer, CLIP
     """--tokenizer_cache_dir: the tokenizers saved there (as sd-scripts saves them), else the shipped ones, which
     are then saved there."""
     folders = [Path(cache_dir) / name for name in CACHE_NAMES]
-    if all((folder / "vocab.json").is_file() for folder in folders):
+    if all((folder / "tokenizer_config.json").is_file() for folder in folders):
         tokenizer1, tokenizer2 = (CLIPTokenizer.from_pretrained(str(folder)) for folder in folders)
         tokenizer2.pad_token_id = 0
         return tokenizer1, tokenizer2
