@@ -22,14 +22,6 @@ RUN = ["--max_data_loader_n_workers", "0", "--seed", "5", "--network_dim", "4", 
        "--output_name", "lora", "--max_train_steps", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("logs")

@@ -27,15 +27,6 @@ RUN = ["--max_data_loader_n_workers", "0", "--seed", "7", "--network_dim", "4", 
        "--save_every_n_steps", "4", "--save_state", "--output_name", "lora"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread on a shared machine (and results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shuffled_dataset(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shuffled")

@@ -24,16 +24,6 @@ from lorakit.models.text_encoding import encode_tokens, tokenize
 from lorakit.models.tokenizers import load_tokenizers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared, busy CPU OpenMP's spinning threads make
-    # each call up to 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

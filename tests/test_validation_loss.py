@@ -22,14 +22,6 @@ from lorakit.train.validation import should_validate, validation_loss, validatio
 OPTIONS = StepOptions(noise_schedule(), NoiseOptions(), LossOptions())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_timesteps_are_the_inner_points_of_six():
     assert validation_timesteps(0, 1000) == [200, 400, 600, 800]
     assert validation_timesteps(100, 600) == [200, 300, 400, 500]
