@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,9 +93,7 @@ def main() -> None:
             report(name, args.size, result, load_before, _load_average())
     finally:
         if not args.keep:
-            for path in sorted(work.rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            work.rmdir()
+            shutil.rmtree(work)
         else:
             print(f"kept {work}")
 
