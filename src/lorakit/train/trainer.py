@@ -39,10 +39,8 @@ import logging
 import math
 import os
 import random
-import re
-import shutil
-import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +50,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from lorakit.config import TrainConfig
-from lorakit.data.dataset import BatchLoader, Sample, TrainBatch, TrainingData, caption_options
+from lorakit.data.dataset import Sample, TrainBatch, TrainingData, caption_options
 from lorakit.data.discovery import load_datasets
 from lorakit.data.latent_cache import cache_latents, check_latent_caching_allowed, encode_pixels
 from lorakit.data.summary import dataset_summary
@@ -60,32 +58,32 @@ from lorakit.data.text_cache import (TextCache, TextItem, cache_text_encoder_out
                                      check_text_caching_allowed)
 from lorakit.errors import LorakitError
 from lorakit.models import load_sdxl
+from lorakit.models.components import SDXLComponents
 from lorakit.models.loading import load_vae
 from lorakit.models.vae import LATENT_SCALE
-from lorakit.network.apply import merge_lora, network_from_file, to_sgm_names
-from lorakit.network.io import load_network_weights, read_lora, save_network
+from lorakit.network.apply import merge_lora
 from lorakit.network.network import LoRANetwork
-from lorakit.network.plugins import LORAKIT_MODULE, create_network
 from lorakit.train.fused import fuse_backward
-from lorakit.train.interrupt import StopRequest, TrainingInterrupted, resume_command
-from lorakit.train.logs import MovingAverage, TrainingLog, epoch_logs, step_logs, validation_logs
+from lorakit.train.interrupt import StopRequest
+from lorakit.train.loader import RunLoader, batch_generator, data_loader_workers, validation_batches
+from lorakit.train.logs import TrainingLog, epoch_logs, step_logs, validation_logs
 from lorakit.train.loss import LossOptions
-from lorakit.train.metadata import RunFacts, run_metadata, save_metadata
+from lorakit.train.metadata import RunFacts, run_metadata
 from lorakit.train.noise import NoiseOptions, noise_schedule
-from lorakit.train.optimizers import build_optimizer, optimizer_eval_mode, optimizer_train_mode
-from lorakit.train.outputs import (OutputNames, last_epoch_to_remove, last_step_to_remove, prune,
-                                   save_every_n_epochs_from_ratio, should_save_epoch, should_save_step)
-from lorakit.train.sample_prompts import load_sample_prompts
+from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
+from lorakit.train.processes import all_reduce_sum, average_gradients, stop_requested
+from lorakit.train.resume import RunProgress, advance_scheduler, restore, run_seed, start_position
+from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator, make_network,
+                                     memory_estimate, network_args_dict, plugin_groups, store_base_weights)
+from lorakit.train.sample_prompts import SamplePrompt, load_sample_prompts
 from lorakit.train.sampling import generate_samples, should_sample
+from lorakit.train.saving import Checkpointer
 from lorakit.train.schedulers import build_scheduler
-from lorakit.train.state import (TrainState, check_free_space, gather_strings, read_state, rng_json, set_rng_state,
-                                 state_bytes, write_state)
+from lorakit.train.state import read_state
 from lorakit.train.step import StepOptions, TextEncoding, diffusion_loss, predict
 from lorakit.train.validation import should_validate, validation_loss, validation_timesteps
 
 logger = logging.getLogger("lorakit")
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -127,16 +125,12 @@ def train(config: TrainConfig) -> TrainResult:
     data = TrainingData(datasets, seed)
     validation_data = TrainingData(datasets, seed, validation=True)
     prompts = load_sample_prompts(config.sample_prompts, config.sample_sampler) if config.sample_prompts else []
-    if len(data) == 0:
-        raise LorakitError("the datasets yield no batches: no training images were found (see the summary above)")
-    if config.cache_latents:
-        for dataset in datasets:
-            for subset in dataset.settings.subsets:
-                check_latent_caching_allowed(subset.table, subset.color_aug, subset.random_crop)
+    check_data(config, data)
     accelerator = make_accelerator(config)
-    plan = StepPlan.of(len(data), accelerator.num_processes, config.gradient_accumulation_steps,
-                       config.max_train_steps, config.max_train_epochs)
-    if accelerator.is_main_process:
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    plan = StepPlan.of(len(data), world, config.gradient_accumulation_steps, config.max_train_steps,
+                       config.max_train_epochs)
+    if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
               f"{plan.steps_per_epoch}, epochs {plan.num_epochs}, total steps {plan.max_train_steps}")
@@ -144,100 +138,173 @@ def train(config: TrainConfig) -> TrainResult:
         print(memory_estimate(config))
         return TrainResult(None, 0, [])
 
-    # ------------------------------------------------------------------ models
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if config.no_half_vae else weight_dtype
-    components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu",
-                           tokenizer_cache_dir=config.tokenizer_cache_dir)
-    vae_source = config.vae or config.pretrained_model_name_or_path
-    if config.no_half_vae and weight_dtype != torch.float32 and os.path.exists(vae_source):
-        # The VAE's own weights in fp32, not the copy already rounded to the mixed dtype while loading.
-        components.vae = load_vae(vae_source, torch.float32)
-    unet, vae = components.unet, components.vae.to(vae_dtype)
-    text_encoders = [components.text_encoder1, components.text_encoder2]
-    for model in (unet, vae, *text_encoders):
-        model.requires_grad_(False)
-    for path, multiplier in zip(config.base_weights or (), _multipliers(config)):
-        merge_lora(components, path, multiplier)
-    configure_attention(config, unet, vae)
+    # ------------------------------------------------------------------ models, caches, network, optimizer
+    models = load_models(config, accelerator.device)
+    cache_and_release(models, config, data.all_samples() + validation_data.all_samples(),
+                      keep_for_sampling=bool(prompts), progress=main)
+    train_text_encoder = not config.network_train_unet_only and models.text is None
+    network, network_alpha = make_network(config, models.components, models.unet, models.text_encoders,
+                                          models.vae, not config.network_train_text_encoder_only,
+                                          not config.network_train_unet_only)
+    prepare_network(config, network, models)
+    opt = build_optimization(config, network, plan.max_train_steps, world)
 
-    # ------------------------------------------------------------------ caches
-    vae.to(device)
-    latents = None
+    # ------------------------------------------------------------------ step options, saves, resume
+    step_options = step_options_of(config)
+    facts = RunFacts(
+        session_id=random.randrange(2**32), started_at=time.time(), num_batches_per_epoch=plan.batches_per_epoch,
+        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer=opt.built.description,
+        learning_rate=opt.built.lr, lr_scheduler=opt.built.lr_scheduler or config.lr_scheduler,
+        network_args=network_args_dict(config), network_alpha=network_alpha, seed=seed,
+        total_batch_size=datasets[0].settings.batch_size * world * config.gradient_accumulation_steps)
+    checkpointer = Checkpointer(
+        config, network=network, params=opt.params, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
+        schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
+        max_train_steps=plan.max_train_steps, accelerator=accelerator,
+        metadata=run_metadata(config, facts, data, models.components.identity, models.components.vae_identity))
+    if resumed is not None:
+        restore(resumed, network, opt.optimizer, opt.lr_scheduler, rank)
+    start = start_position(config, plan.steps_per_epoch, resumed, world)
+    if resumed is None and start.global_step:
+        advance_scheduler(opt.lr_scheduler, start.global_step)
+    run = RunProgress.starting(start, resumed, window=plan.batches_per_epoch)
+    log = TrainingLog.from_config(config, enabled=main)
+    samples = SampleImages(config, prompts, models, network, checkpointer.names.output_dir, log, accelerator)
+    validation = Validation(config, validation_data, models, network, step_options, seed, plan.max_train_steps,
+                            log, accelerator) if validation_data.images() else None
+    loader = RunLoader(data, seed=seed, max_train_steps=plan.max_train_steps, latents=models.latents,
+                       text=models.text, masked_loss=config.masked_loss,
+                       workers=data_loader_workers(config.max_data_loader_n_workers), persistent=False, rank=rank,
+                       world=world, gradient_accumulation_steps=config.gradient_accumulation_steps)
+
+    # ------------------------------------------------------------------ the loop
+    gas = config.gradient_accumulation_steps
+    bar = tqdm(total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not main,
+               dynamic_ncols=True)
+    samples.maybe("first", run.global_step, start.epoch - 1)
+    network.train()
+    try:
+        with StopRequest() as stop:
+            for epoch in range(start.epoch, plan.num_epochs + 1):
+                if run.global_step >= plan.max_train_steps:
+                    break
+                first_batch = start.batches_done if epoch == start.epoch else 0
+                if not first_batch:
+                    run.epoch_losses = []
+                # This process's share of the epoch as indices into the whole epoch's batches, so that each
+                # batch's per-item randomness and noise depend on its place in the run, not on the process count.
+                indices = loader.share(epoch)
+                batches = loader.epoch(epoch, indices[first_batch:], run.global_step - first_batch // gas)
+                for batch_index, (global_index, batch) in enumerate(batches, start=first_batch):
+                    with accelerator.autocast():
+                        loss = batch_loss(batch, models, network, step_options, batch_generator(seed, epoch,
+                                          global_index), config, train_text_encoder=train_text_encoder)
+                    check_finite(loss, batch, run.global_step + 1, epoch)
+                    (loss / gas).backward()
+                    run.add_batch_loss(loss.item())
+                    if (batch_index + 1) % gas and batch_index + 1 < len(indices):
+                        continue
+                    max_norm = optimizer_step(opt, network, config, world, accelerator.device)
+                    run.step_done(epoch, batch_index + 1, loss.item())
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", avg=f"{run.moving.average:.4f}",
+                                    lr=f"{opt.lr_scheduler.get_last_lr()[0]:.2e}")
+                    log.log(step_logs(loss.item(), run.moving.average, opt.lr_scheduler.get_last_lr(),
+                                      opt.group_names, opt.optimizer.param_groups, max_norm), run.global_step)
+                    stop_now = stop_requested(stop, world, accelerator.device)
+                    checkpointer.after_step(run, stop_now and run.global_step < plan.max_train_steps)
+                    samples.maybe("step", run.global_step, epoch)
+                    if validation is not None:
+                        validation.maybe("step", run, epoch)
+                    if run.global_step >= plan.max_train_steps:
+                        break
+                if run.epoch_losses:
+                    log.log(epoch_logs(sum(run.epoch_losses) / len(run.epoch_losses)), run.global_step)
+                run.epoch_done(epoch, len(indices))
+                checkpointer.after_epoch(run, epoch)
+                if validation is not None:
+                    validation.maybe("epoch", run, epoch)
+                samples.maybe("epoch", run.global_step, epoch)
+            final = checkpointer.at_end(run)
+    finally:
+        bar.close()
+        if main:
+            log.write_curves(checkpointer.names.output_dir / f"{config.output_name or 'last'}_curves.png")
+        log.close()
+    logger.info("training finished: %d steps, final LoRA %s (groups: %s)", run.global_step, final,
+                ", ".join(opt.group_names))
+    return TrainResult(final if main else None, run.global_step, run.losses)
+
+
+def check_data(config: TrainConfig, data: TrainingData) -> None:
+    if len(data) == 0:
+        raise LorakitError("the datasets yield no batches: no training images were found (see the summary above)")
     if config.cache_latents:
-        latents = cache_latents([s.latent_item() for s in data.all_samples() + validation_data.all_samples()], vae,
-                                vae_identity=(components.vae_identity or components.identity).name,
-                                batch_size=config.vae_batch_size, to_disk=config.cache_latents_to_disk,
-                                progress=accelerator.is_main_process, skip_check=config.skip_cache_check)
-    train_text_encoder = not config.network_train_unet_only
-    train_unet = not config.network_train_text_encoder_only
-    for text_encoder in text_encoders:
-        text_encoder.to(device)
-    encode_text = TextEncoding(components.tokenizer1, components.tokenizer2, *text_encoders,
-                               max_token_length=config.max_token_length, weighted_captions=config.weighted_captions)
-    cached_text = None
-    if config.cache_text_encoder_outputs:
-        cached_text = cache_text(data.all_samples() + validation_data.all_samples(), components, text_encoders,
-                                 config, accelerator.is_main_process)
-    # Once cached, the VAE and the text encoders are released, or parked on the CPU when sample images need them.
-    if latents is not None:
-        if prompts:
-            vae.to("cpu")
-        else:
-            vae = components.vae = None
-    if cached_text is not None:
-        text_encoders = [None, None]
-        if prompts:
-            components.text_encoder1.to("cpu")
-            components.text_encoder2.to("cpu")
-        else:
-            components.text_encoder1 = components.text_encoder2 = None
-    gc.collect()
-    unet.to(device)
-    store_base_weights(config, unet, [t for t in text_encoders if t is not None], weight_dtype)
+        for dataset in data.datasets:
+            for subset in dataset.settings.subsets:
+                check_latent_caching_allowed(subset.table, subset.color_aug, subset.random_crop)
 
-    # ------------------------------------------------------------------ network
-    network, network_alpha = make_network(config, components, unet, text_encoders, vae, train_unet,
-                                          train_text_encoder)
-    network.to(device, dtype=torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else
-               torch.float32)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers checkpoints only in training mode; dropout-free, so outputs are unchanged
-        for text_encoder in text_encoders:
-            if text_encoder is not None and train_text_encoder:
-                text_encoder.gradient_checkpointing_enable()
-                text_encoder.train()
-    if config.torch_compile:
-        unet.compile(backend=config.dynamo_backend)
 
-    # ------------------------------------------------------------------ optimizer and schedule
-    groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
-                                      config.learning_rate) if isinstance(network, LoRANetwork) else \
-        _plugin_groups(network, config)
-    params = [p for group in groups for p in group["params"]]
-    built = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args,
-                            lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
-    for warning in built.warnings:
-        logger.warning(warning)
-    optimizer = built.optimizer
-    lr_scheduler = build_scheduler(
-        # The loop steps the schedule once per optimizer step whatever the number of processes (accelerate's
-        # prepared scheduler, which steps once per process, is not used), so steps are never multiplied.
-        optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=plan.max_train_steps,
-        num_processes=1, warmup_steps=config.lr_warmup_steps,
-        decay_steps=config.lr_decay_steps, num_cycles=config.lr_scheduler_num_cycles,
-        power=config.lr_scheduler_power, timescale=config.lr_scheduler_timescale,
-        min_lr_ratio=config.lr_scheduler_min_lr_ratio, scheduler_type=config.lr_scheduler_type,
-        scheduler_args=config.lr_scheduler_args, schedule_free=built.schedule_free)
-    group_names = [group.get("name", f"group{i}") for i, group in enumerate(groups)]
-    if config.fused_backward_pass:  # each parameter steps in its gradient hook; the loop only steps the schedule
-        fuse_backward(optimizer, built.make, gradient_accumulation_steps=config.gradient_accumulation_steps,
-                      max_grad_norm=config.max_grad_norm, num_processes=accelerator.num_processes)
+# ---------------------------------------------------------------------------------------------------- the step
 
-    # ------------------------------------------------------------------ step options, outputs, metadata
-    step_options = StepOptions(
+
+def batch_loss(batch: TrainBatch, models: Models, network, options: StepOptions, generator: torch.Generator,
+               config: TrainConfig, *, train_text_encoder: bool) -> torch.Tensor:
+    """Latents and text conditioning of a batch, then the diffusion loss (`lorakit.train.step`)."""
+    device = models.device
+    if batch.latents is not None:
+        latents = batch.latents.to(device)
+    else:
+        latents = encode_latents(models.vae, batch.pixels, config.vae_batch_size, generator).to(device)
+    latents = latents.float() * LATENT_SCALE
+    if batch.text is not None:
+        context, pooled = (t.to(device) for t in batch.text)
+    elif train_text_encoder:
+        context, pooled = models.encode_text(batch.captions)
+    else:
+        with torch.no_grad():
+            context, pooled = models.encode_text(batch.captions)
+    time_ids = batch.time_ids.to(device)
+
+    def base_prediction(noisy, timesteps):
+        network.set_multiplier(0.0)
+        try:
+            return predict(models.unet, noisy, timesteps, context, pooled, time_ids)
+        finally:
+            network.set_multiplier(1.0)
+
+    masks = None if batch.masks is None else batch.masks.to(device)
+    return diffusion_loss(models.unet, latents, context, pooled, time_ids, options, generator,
+                          loss_weights=batch.loss_weights, masks=masks, preserve=batch.preserve,
+                          base_prediction=base_prediction)
+
+
+def check_finite(loss: torch.Tensor, batch: TrainBatch, step: int, epoch: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(
+            f"loss is {loss.item()} at step {step} (epoch {epoch}); images of the batch: "
+            f"{', '.join(str(p) for p in batch.paths)}. Try --no_half_vae, a lower learning rate, "
+            f"or bf16 instead of fp16. Files saved so far are intact.")
+
+
+def optimizer_step(opt: Optimization, network, config: TrainConfig, world: int, device) -> dict | None:
+    """One optimizer step once its batches' backward passes are done: gradients averaged across processes and
+    clipped, the optimizer and the LR schedule stepped, then `--scale_weight_norms`. Returns the max-norm
+    statistics for the log (None without max-norm)."""
+    if not config.fused_backward_pass:  # fused: every parameter stepped during backward()
+        average_gradients(opt.params, world)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(opt.params, config.max_grad_norm)
+        opt.optimizer.step()
+        opt.optimizer.zero_grad(set_to_none=True)
+    opt.lr_scheduler.step()
+    if config.scale_weight_norms and isinstance(network, LoRANetwork):
+        return network.apply_max_norm_regularization(config.scale_weight_norms, device)
+    return None
+
+
+def step_options_of(config: TrainConfig) -> StepOptions:
+    return StepOptions(
         schedule=noise_schedule(config.zero_terminal_snr),
         noise=NoiseOptions(config.noise_offset, config.noise_offset_random_strength, config.adaptive_noise_scale,
                            config.multires_noise_iterations, config.multires_noise_discount,
@@ -248,277 +315,6 @@ def train(config: TrainConfig) -> TrainResult:
                          config.v_pred_like_loss, config.debiased_estimation_loss),
         v_parameterization=config.v_parameterization,
     )
-    names = OutputNames(Path(config.output_dir or "."), config.output_name, config.save_model_as)
-    save_every_n_epochs = config.save_every_n_epochs
-    if config.save_n_epoch_ratio:
-        save_every_n_epochs = save_every_n_epochs_from_ratio(plan.num_epochs, config.save_n_epoch_ratio)
-    facts = RunFacts(
-        session_id=random.randrange(2**32), started_at=time.time(), num_batches_per_epoch=plan.batches_per_epoch,
-        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer=built.description,
-        learning_rate=built.lr, lr_scheduler=built.lr_scheduler or config.lr_scheduler,
-        network_args=_network_args_dict(config), network_alpha=network_alpha, seed=seed,
-        total_batch_size=datasets[0].settings.batch_size * accelerator.num_processes
-        * config.gradient_accumulation_steps)
-    shared_metadata = run_metadata(config, facts, data, components.identity, components.vae_identity)
-    save_dtype = DTYPES.get(config.save_precision) if config.save_precision else None
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    gas = config.gradient_accumulation_steps
-    if resumed is not None:
-        restore(resumed, network, optimizer, lr_scheduler, rank)
-    start = start_position(config, plan, resumed, world)
-    if resumed is None and start.global_step:
-        advance_scheduler(lr_scheduler, start.global_step)
-    log = TrainingLog.from_config(config, enabled=accelerator.is_main_process)
-    moving = MovingAverage(plan.batches_per_epoch)
-    epoch_losses: list[float] = []
-    if resumed is not None and start.global_step == resumed.global_step:
-        moving.load_state_dict(resumed.progress["moving_average"])
-        epoch_losses = list(resumed.progress["epoch_losses"]) if start.batches_done else []
-    global_step, losses = start.global_step, []
-    position = (start.epoch, start.batches_done, False)  # (epoch, batches done in it, epoch-end work done)
-
-    def progress_of(epoch: int, batches_done: int, epoch_finished: bool) -> dict:
-        return {"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
-                "epoch_finished": epoch_finished, "seed": seed, "num_processes": world,
-                "max_train_steps": plan.max_train_steps, "moving_average": moving.state_dict(),
-                "epoch_losses": [] if epoch_finished else list(epoch_losses)}
-
-    def save(path: Path, epoch: int, step: int, progress: dict | None = None) -> Path | None:
-        """The LoRA file (main process) and, given the loop's `progress`, its state folder (with every rank's
-        RNG states). Every process calls it."""
-        rng = gather_strings(rng_json(), _all_gather if world > 1 else None) if progress is not None else None
-        if world > 1:
-            check_in_sync(params, accelerator.is_main_process)
-        state_dir = names.state_dir(path) if progress is not None else None
-        if accelerator.is_main_process:
-            needed = lora_bytes(network, save_dtype) + (state_bytes(network, optimizer) if progress else 0)
-            check_free_space(path.parent, needed, path.name + (" and its state" if progress else ""))
-            if built.schedule_free:
-                optimizer_eval_mode(optimizer)
-            metadata = save_metadata(shared_metadata, steps=step, epoch=epoch, no_metadata=config.no_metadata)
-            save_network_file(network, path, save_dtype, metadata)
-            if built.schedule_free:
-                optimizer_train_mode(optimizer)
-            logger.info("saved %s", path)
-            if state_dir is not None:
-                write_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, rng=rng,
-                            progress=progress)
-                logger.info("saved state %s", state_dir)
-        accelerator.wait_for_everyone()
-        return state_dir
-
-    def sample(step: int, epoch: int | None) -> None:
-        """Sample images from the live modules (main process); parked text encoders visit the device."""
-        if accelerator.is_main_process:
-            encoders = [components.text_encoder1, components.text_encoder2]
-            parked = [e for e in encoders if next(e.parameters()).device != torch.device(device)]
-            for encoder in parked:
-                encoder.to(device)
-            try:
-                result = generate_samples(unet, components.vae, *encoders, components.tokenizer1,
-                                          components.tokenizer2, prompts, names.output_dir, config.output_name, step,
-                                          epoch, v_parameterization=config.v_parameterization, device=device,
-                                          dtype=weight_dtype, network=network)
-            finally:
-                for encoder in parked:
-                    encoder.to("cpu")
-            log.log_images(result.images, step)
-        accelerator.wait_for_everyone()
-
-    validation_batches = None
-    if validation_data.images():
-        validation_batches = BatchLoader(
-            shard(validation_data.epoch_batches(1), rank, world), seed=seed, epoch=1, step_of_batch=lambda i: 0,
-            max_train_steps=plan.max_train_steps, latents=latents, text=cached_text, masked_loss=config.masked_loss)
-    timesteps = validation_timesteps(step_options.noise.min_timestep, step_options.noise.max_timestep)
-
-    def validate(kind: str) -> None:
-        def loss_of(batch: TrainBatch, options: StepOptions, generator: torch.Generator) -> torch.Tensor:
-            with accelerator.autocast():
-                return batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
-                                  train_text_encoder=False, options=options, generator=generator, config=config,
-                                  device=device)
-
-        total, count = validation_loss(
-            (validation_batches[i] for i in range(len(validation_batches))), loss_of, step_options, timesteps,
-            config.validation_seed if config.validation_seed is not None else seed, network,
-            config.max_validation_steps)
-        if world > 1:
-            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(sums)
-            total, count = sums.tolist()
-        log.log(validation_logs(kind, total / max(count, 1), moving.average), global_step)
-
-    def rotate(kind: str) -> None:
-        if kind == "step":
-            every, files = config.save_every_n_steps, names.step_files()
-            last, last_state = (last_step_to_remove(global_step, every, n)
-                                for n in (config.save_last_n_steps, config.save_last_n_steps_state))
-        else:
-            every, files = save_every_n_epochs, names.epoch_files()
-            last, last_state = (last_epoch_to_remove(position[0], every, n)
-                                for n in (config.save_last_n_epochs, config.save_last_n_epochs_state))
-        if not accelerator.is_main_process:
-            return
-        prune(files, last, names, with_states=config.save_last_n_steps_state is None if kind == "step" else
-              config.save_last_n_epochs_state is None)
-        for number, folder in existing_states(names, kind).items():
-            if last_state is not None and number <= last_state:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    def interrupted(path: Path, state_dir: Path) -> TrainingInterrupted:
-        command = resume_command(sys.argv, state_dir)
-        message = (f"interrupted after step {global_step}: saved {path} and {state_dir}\n"
-                   f"resume with:\n  {command}")
-        if accelerator.is_main_process:
-            print(message, flush=True)
-        return TrainingInterrupted(message)
-
-    # ------------------------------------------------------------------ the loop
-    progress = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
-    if prompts and should_sample("first", global_step=global_step, epoch=start.epoch - 1,
-                                 at_first=config.sample_at_first, every_n_steps=config.sample_every_n_steps,
-                                 every_n_epochs=config.sample_every_n_epochs):
-        sample(global_step, None)
-    network.train()
-    try:
-        with StopRequest() as stop:
-            for epoch in range(start.epoch, plan.num_epochs + 1):
-                if global_step >= plan.max_train_steps:
-                    break
-                first_batch = start.batches_done if epoch == start.epoch else 0
-                if not first_batch:
-                    epoch_losses = []
-                # This process's share of the epoch as indices into the whole epoch's batches, so that each
-                # batch's per-item randomness and noise depend on its place in the run, not on the process count.
-                epoch_batches = data.epoch_batches(epoch)
-                batches = shard(list(range(len(epoch_batches))), rank, world)
-                steps_at_epoch_start = global_step - first_batch // gas
-                loader = torch.utils.data.DataLoader(
-                    BatchLoader(epoch_batches, seed=seed, epoch=epoch, max_train_steps=plan.max_train_steps,
-                                step_of_batch=lambda i: steps_at_epoch_start + i // world // gas, latents=latents,
-                                text=cached_text, masked_loss=config.masked_loss),
-                    sampler=batches[first_batch:], batch_size=None, num_workers=data_loader_workers(config),
-                    persistent_workers=False)
-                for batch_index, (global_index, batch) in enumerate(zip(batches[first_batch:], loader),
-                                                                    start=first_batch):
-                    generator = batch_generator(seed, epoch, global_index)
-                    with accelerator.autocast():
-                        loss = batch_loss(batch, unet=unet, vae=vae, network=network, encode_text=encode_text,
-                                          train_text_encoder=train_text_encoder and cached_text is None,
-                                          options=step_options, generator=generator, config=config, device=device)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"loss is {loss.item()} at step {global_step + 1} (epoch {epoch}); images of the batch: "
-                            f"{', '.join(str(p) for p in batch.paths)}. Try --no_half_vae, a lower learning rate, "
-                            f"or bf16 instead of fp16. Files saved so far are intact.")
-                    (loss / gas).backward()
-                    epoch_losses.append(loss.item())
-                    moving.add(loss.item())
-                    if (batch_index + 1) % gas and batch_index + 1 < len(batches):
-                        continue
-                    if not config.fused_backward_pass:  # fused: every parameter stepped during backward()
-                        average_gradients(params, accelerator)
-                        if config.max_grad_norm:
-                            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    lr_scheduler.step()
-                    max_norm = None
-                    if config.scale_weight_norms and isinstance(network, LoRANetwork):
-                        max_norm = network.apply_max_norm_regularization(config.scale_weight_norms, device)
-                    global_step += 1
-                    position = (epoch, batch_index + 1, False)
-                    losses.append(loss.item())
-                    progress.update(1)
-                    progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", avg=f"{moving.average:.4f}",
-                                         lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                    log.log(step_logs(loss.item(), moving.average, lr_scheduler.get_last_lr(), group_names,
-                                      optimizer.param_groups, max_norm), global_step)
-                    stop_now = stop_requested(stop, world, device) and global_step < plan.max_train_steps
-                    step_save = (should_save_step(global_step, config.save_every_n_steps)
-                                 and global_step < plan.max_train_steps)
-                    if step_save or stop_now:
-                        path = names.step_file(global_step)
-                        state_dir = save(path, epoch - 1, global_step,
-                                         progress_of(*position) if config.save_state or stop_now else None)
-                        if step_save:
-                            rotate("step")
-                        if stop_now:
-                            raise interrupted(path, state_dir)
-                    if prompts and should_sample("step", global_step=global_step, epoch=epoch,
-                                                 at_first=config.sample_at_first,
-                                                 every_n_steps=config.sample_every_n_steps,
-                                                 every_n_epochs=config.sample_every_n_epochs):
-                        sample(global_step, None)
-                    if validation_batches is not None and should_validate(
-                            "step", global_step=global_step, epoch=epoch,
-                            every_n_steps=config.validate_every_n_steps, every_n_epochs=None):
-                        validate("step")
-                    if global_step >= plan.max_train_steps:
-                        break
-                if epoch_losses:
-                    log.log(epoch_logs(sum(epoch_losses) / len(epoch_losses)), global_step)
-                # Finished, unless --max_train_steps ended it early (then a resumed longer run goes on from there).
-                position = (epoch, position[1], position[:2] == (epoch, len(batches)))
-                if should_save_epoch(epoch, plan.num_epochs, save_every_n_epochs):
-                    save(names.epoch_file(epoch), epoch, global_step,
-                         progress_of(*position) if config.save_state else None)
-                    rotate("epoch")
-                if validation_batches is not None and should_validate(
-                        "epoch", global_step=global_step, epoch=epoch, every_n_steps=None,
-                        every_n_epochs=config.validate_every_n_epochs):
-                    validate("epoch")
-                if prompts and should_sample("epoch", global_step=global_step, epoch=epoch,
-                                             at_first=config.sample_at_first,
-                                             every_n_steps=config.sample_every_n_steps,
-                                             every_n_epochs=config.sample_every_n_epochs):
-                    sample(global_step, epoch)
-            final = names.final_file()
-            save(final, plan.num_epochs, global_step,
-                 progress_of(*position) if config.save_state or config.save_state_on_train_end else None)
-    finally:
-        progress.close()
-        if accelerator.is_main_process:
-            log.write_curves(names.output_dir / f"{config.output_name or 'last'}_curves.png")
-        log.close()
-    logger.info("training finished: %d steps, final LoRA %s (groups: %s)", global_step, final,
-                ", ".join(group_names))
-    return TrainResult(final if accelerator.is_main_process else None, global_step, losses)
-
-
-# ---------------------------------------------------------------------------------------------------- the step
-
-
-def batch_loss(batch: TrainBatch, *, unet, vae, network, encode_text: TextEncoding, train_text_encoder: bool,
-               options: StepOptions, generator: torch.Generator, config: TrainConfig, device) -> torch.Tensor:
-    """Latents and text conditioning of a batch, then the diffusion loss (`lorakit.train.step`)."""
-    if batch.latents is not None:
-        latents = batch.latents.to(device)
-    else:
-        latents = encode_latents(vae, batch.pixels, config.vae_batch_size, generator).to(device)
-    latents = latents.float() * LATENT_SCALE
-    if batch.text is not None:
-        context, pooled = (t.to(device) for t in batch.text)
-    elif train_text_encoder:
-        context, pooled = encode_text(batch.captions)
-    else:
-        with torch.no_grad():
-            context, pooled = encode_text(batch.captions)
-    time_ids = batch.time_ids.to(device)
-
-    def base_prediction(noisy, timesteps):
-        network.set_multiplier(0.0)
-        try:
-            return predict(unet, noisy, timesteps, context, pooled, time_ids)
-        finally:
-            network.set_multiplier(1.0)
-
-    return diffusion_loss(unet, latents, context, pooled, time_ids, options, generator,
-                          loss_weights=batch.loss_weights, masks=None if batch.masks is None else batch.masks.to(device),
-                          preserve=batch.preserve, base_prediction=base_prediction)
 
 
 @torch.no_grad()
@@ -537,6 +333,81 @@ def encode_latents(vae, pixels: torch.Tensor, vae_batch_size: int, generator: to
     return latents
 
 
+# ---------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    """The frozen models of the run and the caches made with them. A cached model's slot is None (released, or
+    parked on the CPU in `components` until sampling needs it)."""
+
+    components: SDXLComponents  # tokenizers, identities, and every model still held
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoders: list[torch.nn.Module | None]
+    weight_dtype: torch.dtype  # the mixed-precision dtype
+    device: torch.device
+    encode_text: TextEncoding | None = None
+    latents: Mapping | None = None
+    text: TextCache | None = None
+
+
+def load_models(config: TrainConfig, device: torch.device) -> Models:
+    """The checkpoint's models on the CPU, frozen, in the mixed-precision dtype (the VAE in fp32 with
+    --no_half_vae), --base_weights merged, attention configured."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu",
+                           tokenizer_cache_dir=config.tokenizer_cache_dir)
+    vae_source = config.vae or config.pretrained_model_name_or_path
+    if config.no_half_vae and weight_dtype != torch.float32 and os.path.exists(vae_source):
+        # The VAE's own weights in fp32, not the copy already rounded to the mixed dtype while loading.
+        components.vae = load_vae(vae_source, torch.float32)
+    vae = components.vae.to(torch.float32 if config.no_half_vae else weight_dtype)
+    models = Models(components, components.unet, vae, [components.text_encoder1, components.text_encoder2],
+                    weight_dtype, device)
+    for model in (models.unet, models.vae, *models.text_encoders):
+        model.requires_grad_(False)
+    for path, multiplier in zip(config.base_weights or (), base_weight_multipliers(config)):
+        merge_lora(components, path, multiplier)
+    configure_attention(config, models.unet, models.vae)
+    return models
+
+
+def cache_and_release(models: Models, config: TrainConfig, samples: list[Sample], *, keep_for_sampling: bool,
+                      progress: bool) -> None:
+    """Cache latents and text-encoder outputs as asked, then release the VAE and text encoders (or park them on
+    the CPU when sample images need them); the U-Net goes to the device, in fp8 with --fp8_base."""
+    components, device = models.components, models.device
+    models.vae.to(device)
+    if config.cache_latents:
+        models.latents = cache_latents(
+            [s.latent_item() for s in samples], models.vae,
+            vae_identity=(components.vae_identity or components.identity).name, batch_size=config.vae_batch_size,
+            to_disk=config.cache_latents_to_disk, progress=progress, skip_check=config.skip_cache_check)
+    for text_encoder in models.text_encoders:
+        text_encoder.to(device)
+    models.encode_text = TextEncoding(components.tokenizer1, components.tokenizer2, *models.text_encoders,
+                                      max_token_length=config.max_token_length,
+                                      weighted_captions=config.weighted_captions)
+    if config.cache_text_encoder_outputs:
+        models.text = cache_text(samples, components, models.text_encoders, config, progress)
+    if models.latents is not None:
+        if keep_for_sampling:
+            models.vae.to("cpu")
+        else:
+            models.vae = components.vae = None
+    if models.text is not None:
+        models.text_encoders = [None, None]
+        if keep_for_sampling:
+            components.text_encoder1.to("cpu")
+            components.text_encoder2.to("cpu")
+        else:
+            components.text_encoder1 = components.text_encoder2 = None
+    gc.collect()
+    models.unet.to(device)
+    store_base_weights(config, models.unet, [t for t in models.text_encoders if t is not None], models.weight_dtype)
+
+
 def cache_text(samples: list[Sample], components, text_encoders, config: TrainConfig, progress: bool) -> TextCache:
     """--cache_text_encoder_outputs[_to_disk]: both encoders' outputs of every processed caption, encoded once;
     caption options that would change the caption between draws are refused."""
@@ -553,305 +424,131 @@ def cache_text(samples: list[Sample], components, text_encoders, config: TrainCo
         to_disk=config.cache_text_encoder_outputs_to_disk, skip_check=config.skip_cache_check)
 
 
-# ---------------------------------------------------------------------------------------------------- set-up pieces
+def prepare_network(config: TrainConfig, network, models: Models) -> None:
+    """The network's dtype and device; gradient checkpointing; torch.compile."""
+    network.to(models.device, dtype=torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else
+               torch.float32)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers checkpoints only in training mode; dropout-free, so outputs are unchanged
+        for text_encoder in models.text_encoders:
+            if text_encoder is not None and not config.network_train_unet_only:
+                text_encoder.gradient_checkpointing_enable()
+                text_encoder.train()
+    if config.torch_compile:
+        models.unet.compile(backend=config.dynamo_backend)
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise LorakitError("--mixed_precision fp16 needs a GPU: CPUs compute fp16 about 150x slower than bf16; use "
-                           "--mixed_precision bf16 (or no) on this machine")
-    kwargs = []
-    if config.ddp_timeout or config.ddp_gradient_as_bucket_view or config.ddp_static_graph:
-        from datetime import timedelta
-
-        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-        if config.ddp_timeout:
-            kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=config.ddp_timeout)))
-        kwargs.append(DistributedDataParallelKwargs(gradient_as_bucket_view=config.ddp_gradient_as_bucket_view,
-                                                    static_graph=config.ddp_static_graph))
-    # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`): accelerate sets up
-    # gloo on the CPU only when told to.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=kwargs, cpu=cpu)
+# ---------------------------------------------------------------------------------------------------- optimizer
 
 
-def configure_attention(config: TrainConfig, unet, vae) -> None:
-    """SDPA is diffusers' default; xformers when asked and installed; --mem_eff_attn maps to SDPA."""
-    if config.xformers:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise LorakitError("--xformers: the xformers package is not installed; drop the flag (lorakit uses "
-                               "torch SDPA by default) or pip install xformers") from None
-        unet.enable_xformers_memory_efficient_attention()
-        vae.enable_xformers_memory_efficient_attention()
-    elif config.mem_eff_attn:
-        logger.info("--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention (memory-efficient kernels)")
+@dataclass
+class Optimization:
+    """The optimizer over the network's groups and its LR schedule."""
+
+    built: BuiltOptimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.Tensor]
+    groups: list[dict]
+    group_names: list[str]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.built.optimizer
 
 
-def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: torch.dtype) -> None:
-    """--fp8_base / --fp8_base_unet: frozen weights stored as float8_e4m3fn, each layer computed in the mixed
-    dtype (diffusers' layerwise casting)."""
-    if not (config.fp8_base or config.fp8_base_unet):
-        return
-    if compute_dtype == torch.float32:
-        raise LorakitError("--fp8_base needs --mixed_precision bf16 or fp16 (the dtype layers compute in)")
-    from diffusers.hooks import apply_layerwise_casting
-
-    apply_layerwise_casting(unet, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    if config.fp8_base:
-        for text_encoder in text_encoders:
-            apply_layerwise_casting(text_encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                    skip_modules_pattern=("embeddings", "norm"))
-
-
-def make_network(config: TrainConfig, components, unet, text_encoders, vae, train_unet: bool,
-                 train_text_encoder: bool):
-    """Build the network (or the plug-in's), attach it, load --network_weights; returns it and its alpha."""
-    module = config.network_module or LORAKIT_MODULE
-    args = _network_args_dict(config)
-    live_encoders = [t for t in text_encoders if t is not None]
-    if config.dim_from_weights:
-        if not config.network_weights:
-            raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
-        state, _ = read_lora(config.network_weights)
-        network = network_from_file(unet, live_encoders, to_sgm_names(state, unet), config.network_weights,
-                                    network_args=args, dropout=config.network_dropout, train_unet=train_unet,
-                                    train_text_encoder=train_text_encoder)
-    else:
-        network = create_network(module, unet=unet, text_encoders=live_encoders, vae=vae,
-                                  network_dim=config.network_dim, network_alpha=config.network_alpha,
-                                  dropout=config.network_dropout, network_args=args,
-                                  train_unet=train_unet, train_text_encoder=train_text_encoder)
-    if isinstance(network, LoRANetwork):
-        network.attach()
-    else:
-        network.apply_to(live_encoders, unet, train_text_encoder, train_unet)
-    if config.network_weights:
-        if isinstance(network, LoRANetwork):
-            report = load_network_weights(network, config.network_weights, unet)
-            if report.missing:
-                logger.warning("--network_weights: %d tensors of the network are not in the file (first: %s)",
-                               len(report.missing), report.missing[0])
-            if report.unexpected:
-                logger.warning("--network_weights: %d tensors of the file are not in the network (first: %s)",
-                               len(report.unexpected), report.unexpected[0])
-        else:
-            network.load_weights(config.network_weights)
-    alphas = {float(lora.alpha) for lora in getattr(network, "loras", [])}
-    network_alpha = alphas.pop() if len(alphas) == 1 else (config.network_alpha or 0.0)
-    return network, network_alpha
+def build_optimization(config: TrainConfig, network, max_train_steps: int, world: int) -> Optimization:
+    groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
+                                      config.learning_rate) if isinstance(network, LoRANetwork) else \
+        plugin_groups(network, config)
+    built = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args,
+                            lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
+    for warning in built.warnings:
+        logger.warning(warning)
+    lr_scheduler = build_scheduler(
+        # The loop steps the schedule once per optimizer step whatever the number of processes (accelerate's
+        # prepared scheduler, which steps once per process, is not used), so steps are never multiplied.
+        built.optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=max_train_steps,
+        num_processes=1, warmup_steps=config.lr_warmup_steps,
+        decay_steps=config.lr_decay_steps, num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power, timescale=config.lr_scheduler_timescale,
+        min_lr_ratio=config.lr_scheduler_min_lr_ratio, scheduler_type=config.lr_scheduler_type,
+        scheduler_args=config.lr_scheduler_args, schedule_free=built.schedule_free)
+    if config.fused_backward_pass:  # each parameter steps in its gradient hook; the loop only steps the schedule
+        fuse_backward(built.optimizer, built.make, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                      max_grad_norm=config.max_grad_norm, num_processes=world)
+    return Optimization(built, lr_scheduler, [p for group in groups for p in group["params"]], groups,
+                        [group.get("name", f"group{i}") for i, group in enumerate(groups)])
 
 
-def _plugin_groups(network, config: TrainConfig) -> list[dict]:
-    result = network.prepare_optimizer_params(config.text_encoder_lr1, config.unet_lr, config.learning_rate)
-    groups = result[0] if isinstance(result, tuple) else result
-    return [g if isinstance(g, dict) else {"params": list(g)} for g in groups]
+# ---------------------------------------------------------------------------------------------------- looks
 
 
-def _network_args_dict(config: TrainConfig) -> dict[str, str] | None:
-    if not config.network_args:
-        return None
-    pairs = {}
-    for item in config.network_args:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LorakitError(f"--network_args {item!r}: expected key=value")
-        pairs[key.strip()] = value.strip()
-    return pairs
+class SampleImages:
+    """Sample images from the live modules at the points `--sample_*` name (main process); text encoders parked
+    on the CPU visit the device meanwhile."""
+
+    def __init__(self, config: TrainConfig, prompts: list[SamplePrompt], models: Models, network,
+                 output_dir: Path, log: TrainingLog, accelerator: Accelerator) -> None:
+        self.config, self.prompts, self.models, self.network = config, prompts, models, network
+        self.output_dir, self.log, self.accelerator = output_dir, log, accelerator
+
+    def maybe(self, when: str, step: int, epoch: int) -> None:
+        """`when` is "first" (before training; `epoch` is the one before the first), "step" or "epoch"."""
+        config = self.config
+        if self.prompts and should_sample(when, global_step=step, epoch=epoch, at_first=config.sample_at_first,
+                                          every_n_steps=config.sample_every_n_steps,
+                                          every_n_epochs=config.sample_every_n_epochs):
+            self.sample(step, epoch if when == "epoch" else None)
+
+    def sample(self, step: int, epoch: int | None) -> None:
+        if self.accelerator.is_main_process:
+            components, device = self.models.components, self.models.device
+            encoders = [components.text_encoder1, components.text_encoder2]
+            parked = [e for e in encoders if next(e.parameters()).device != torch.device(device)]
+            for encoder in parked:
+                encoder.to(device)
+            try:
+                result = generate_samples(
+                    self.models.unet, components.vae, *encoders, components.tokenizer1, components.tokenizer2,
+                    self.prompts, self.output_dir, self.config.output_name, step, epoch,
+                    v_parameterization=self.config.v_parameterization, device=device,
+                    dtype=self.models.weight_dtype, network=self.network)
+            finally:
+                for encoder in parked:
+                    encoder.to("cpu")
+            self.log.log_images(result.images, step)
+        self.accelerator.wait_for_everyone()
 
 
-def _multipliers(config: TrainConfig) -> list[float]:
-    given = list(config.base_weights_multiplier or ())
-    return given + [1.0] * (len(config.base_weights or ()) - len(given))
+class Validation:
+    """Validation loss over the held-out batches (`lorakit.train.validation`), summed over processes, logged
+    under the reference's keys."""
 
+    def __init__(self, config: TrainConfig, data: TrainingData, models: Models, network, options: StepOptions,
+                 seed: int, max_train_steps: int, log: TrainingLog, accelerator: Accelerator) -> None:
+        self.config, self.models, self.network, self.options = config, models, network, options
+        self.log, self.accelerator = log, accelerator
+        self.seed = config.validation_seed if config.validation_seed is not None else seed
+        self.batches = validation_batches(data, seed=seed, max_train_steps=max_train_steps, latents=models.latents,
+                                          text=models.text, masked_loss=config.masked_loss,
+                                          rank=accelerator.process_index, world=accelerator.num_processes)
+        self.timesteps = validation_timesteps(options.noise.min_timestep, options.noise.max_timestep)
 
-def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
-    if isinstance(network, LoRANetwork):
-        save_network(network, path, dtype=dtype, metadata=metadata)
-        return
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # plug-ins write the file themselves
-    network.save_weights(str(partial), dtype, metadata)
-    os.replace(partial, path)
+    def maybe(self, when: str, run: RunProgress, epoch: int) -> None:
+        if should_validate(when, global_step=run.global_step, epoch=epoch,
+                           every_n_steps=self.config.validate_every_n_steps if when == "step" else None,
+                           every_n_epochs=self.config.validate_every_n_epochs if when == "epoch" else None):
+            self.log.log(validation_logs(when, self.loss(), run.moving.average), run.global_step)
 
+    def loss(self) -> float:
+        def loss_of(batch: TrainBatch, options: StepOptions, generator: torch.Generator) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return batch_loss(batch, self.models, self.network, options, generator, self.config,
+                                  train_text_encoder=False)
 
-def shard(batches: list, rank: int, world: int) -> list:
-    """This process's share of an epoch's batches (every world-th, padded by wrapping so all ranks step equally)."""
-    if world == 1:
-        return batches
-    padded = batches + batches[: (-len(batches)) % world]
-    return padded[rank::world]
-
-
-def average_gradients(params: list[torch.Tensor], accelerator: Accelerator) -> None:
-    """LoRA hooks live outside DDP's forward, so gradients are averaged across processes here."""
-    if accelerator.num_processes == 1:
-        return
-    for param in params:
-        if param.grad is not None:
-            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
-            param.grad /= accelerator.num_processes
-
-
-def data_loader_workers(config: TrainConfig) -> int:
-    return min(config.max_data_loader_n_workers, os.cpu_count() or 1)
-
-
-def memory_estimate(config: TrainConfig) -> str:
-    """A rough peak-memory figure for --dry_run, from the checkpoint's tensor shapes (no weights are read)."""
-    path = config.pretrained_model_name_or_path
-    if not path or not os.path.isfile(path) or not path.endswith(".safetensors"):
-        return "memory estimate: needs a single-file .safetensors checkpoint"
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        counts = {}
-        for key in f.keys():
-            part = key.split(".")[0] if not key.startswith("conditioner") else ".".join(key.split(".")[:3])
-            counts[part] = counts.get(part, 0) + math.prod(f.get_slice(key).get_shape())
-    weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
-    unet = counts.get("model", 0) * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
-    text = sum(v for k, v in counts.items() if k.startswith("conditioner")) * weight_bytes
-    vae = counts.get("first_stage_model", 0) * (4 if config.no_half_vae else weight_bytes)
-    if config.cache_text_encoder_outputs:
-        text = 0
-    if config.cache_latents:
-        vae = 0
-    gib = (unet + text + vae) / 2**30
-    return (f"memory estimate: about {gib:.1f} GiB of frozen weights resident during training "
-            f"(U-Net {unet / 2**30:.1f}, text encoders {text / 2**30:.1f}, VAE {vae / 2**30:.1f}), plus activations")
-
-
-# ---------------------------------------------------------------------------------------------------- resuming
-
-
-@dataclass(frozen=True)
-class StartPosition:
-    global_step: int  # optimizer steps already done (absolute)
-    epoch: int  # 1-based epoch the loop starts in
-    batches_done: int  # batches of that epoch already consumed (per process)
-
-
-def run_seed(config: TrainConfig, resumed: TrainState | None) -> int:
-    """--seed, or a resumed state's seed (the batch order and every batch's noise derive from it)."""
-    if resumed is not None:
-        seed = int(resumed.progress["seed"])
-        if config.seed is not None and config.seed != seed:
-            logger.warning("--seed %d differs from the resumed state's seed %d; using the state's", config.seed, seed)
-        return seed
-    return config.seed if config.seed is not None else random.randrange(2**32)
-
-
-def start_position(config: TrainConfig, plan: StepPlan, resumed: TrainState | None, world: int) -> StartPosition:
-    """Where the loop starts: a resumed state's exact position, or --initial_step / --initial_epoch (which win).
-
-    --initial_step S is absolute: the run counts steps (names, `ss_steps`, the LR schedule, --max_train_steps)
-    from S and starts in epoch S // steps_per_epoch + 1 — from that epoch's first batch, or, with
-    --skip_until_initial_step, from the batch step S would have drawn. --initial_epoch E means S = (E-1) ×
-    steps_per_epoch.
-    """
-    if config.initial_step is not None or config.initial_epoch is not None:
-        if config.initial_step is not None:
-            step = config.initial_step
-        else:
-            if config.initial_epoch < 1:
-                raise LorakitError(f"--initial_epoch {config.initial_epoch}: epochs count from 1")
-            step = (config.initial_epoch - 1) * plan.steps_per_epoch
-        if step < 0:
-            raise LorakitError(f"--initial_step {step}: expected 0 or more")
-        within = step % plan.steps_per_epoch
-        batches = within * config.gradient_accumulation_steps if config.skip_until_initial_step else 0
-        return StartPosition(step, step // plan.steps_per_epoch + 1, batches)
-    if resumed is None:
-        return StartPosition(0, 1, 0)
-    progress = resumed.progress
-    if progress["epoch_finished"]:
-        return StartPosition(resumed.global_step, int(progress["epoch"]) + 1, 0)
-    if int(progress.get("num_processes", 1)) != world:
-        raise LorakitError(f"--resume: the state was saved mid-epoch by {progress.get('num_processes')} processes "
-                           f"and this run has {world}; resume with the same number of processes (states saved at "
-                           "an epoch's end resume with any number)")
-    return StartPosition(resumed.global_step, int(progress["epoch"]), int(progress["batches_done"]))
-
-
-def restore(state: TrainState, network, optimizer, lr_scheduler, rank: int) -> None:
-    """Network weights, optimizer, LR schedule and this rank's RNG states from a state folder."""
-    try:
-        network.load_state_dict(state.network)
-    except RuntimeError as error:
-        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise LorakitError(f"--resume: the state's network does not match this run's (check --network_dim, "
-                           f"--network_args and the trained parts): {detail}") from None
-    try:
-        optimizer.load_state_dict(state.optimizer)
-    except (ValueError, KeyError) as error:
-        raise LorakitError(f"--resume: the state's optimizer does not match this run's (--optimizer_type, "
-                           f"learning rates): {error}") from None
-    lr_scheduler.load_state_dict(state.scheduler)
-    if rank >= len(state.rng):
-        logger.warning("--resume: the state was saved by %d processes; rank %d starts from rank 0's RNG states",
-                       len(state.rng), rank)
-    set_rng_state(state.rng[rank if rank < len(state.rng) else 0])
-
-
-def advance_scheduler(lr_scheduler, steps: int) -> None:
-    """Move the LR schedule to --initial_step without optimizer steps."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*lr_scheduler.step", UserWarning)
-        for _ in range(steps):
-            lr_scheduler.step()
-
-
-def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
-    """The generator of one batch's noise, timesteps and on-the-fly VAE samples, seeded by its place in the run
-    (global batch index across processes): a resumed run, or N processes, draw what one uninterrupted run does."""
-    return torch.Generator("cpu").manual_seed(random.Random(f"lorakit-noise-{seed}-{epoch}-{batch_index}")
-                                              .getrandbits(63))
-
-
-def lora_bytes(network: torch.nn.Module, dtype: torch.dtype | None) -> int:
-    return sum(t.numel() * (dtype.itemsize if dtype else t.element_size()) for t in network.state_dict().values())
-
-
-def existing_states(names: OutputNames, kind: str) -> dict[int, Path]:
-    """State folders of step or epoch checkpoints present in the output folder, by number."""
-    if kind == "step":
-        pattern = re.compile(re.escape(names.output_name or "at") + r"-step(\d{8})-state$")
-    else:
-        pattern = re.compile(re.escape(names.output_name or "epoch") + r"-(\d{6})-state$")
-    if not names.output_dir.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in names.output_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name))}
-
-
-def stop_requested(stop: StopRequest, world: int, device) -> bool:
-    """Whether any process was asked to stop (all processes must stop after the same step)."""
-    if world == 1:
-        return stop.requested
-    flag = torch.tensor([float(stop.requested)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def check_in_sync(params: list[torch.Tensor], log: bool) -> None:
-    """Every process must hold the same LoRA weights (same initial weights, averaged gradients); a difference
-    means a broken set-up, so it stops the run instead of saving one process's weights as the result."""
-    checksum = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                            for p in params]).flatten().cpu()
-    checksums = _all_gather(checksum)
-    if not all(torch.equal(checksums[0], other) for other in checksums[1:]):
-        raise LorakitError("the LoRA weights differ between processes; check that every process runs the same "
-                           "lorakit, flags and data")
-    if log:
-        logger.info("LoRA weights identical on all %d processes (checksum %.17g)", len(checksums),
-                    float(checksum.sum()))
-
-
-def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    tensor = tensor.to(device)
-    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, tensor)
-    return [t.cpu() for t in gathered]
+        total, count = validation_loss((self.batches[i] for i in range(len(self.batches))), loss_of, self.options,
+                                       self.timesteps, self.seed, self.network, self.config.max_validation_steps)
+        if self.accelerator.num_processes > 1:
+            total, count = all_reduce_sum([total, count], self.models.device)
+        return total / max(count, 1)

@@ -1,0 +1,159 @@
+"""Set-up pieces of a run that read the flags: the accelerator, attention, fp8 base weights, the network (or a
+plug-in's) with its weights and groups, and the `--dry_run` memory estimate."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+
+from lorakit.config import TrainConfig
+from lorakit.errors import LorakitError
+from lorakit.network.apply import network_from_file, to_sgm_names
+from lorakit.network.io import load_network_weights, read_lora
+from lorakit.network.network import LoRANetwork
+from lorakit.network.plugins import LORAKIT_MODULE, create_network
+
+logger = logging.getLogger("lorakit")
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise LorakitError("--mixed_precision fp16 needs a GPU: CPUs compute fp16 about 150x slower than bf16; use "
+                           "--mixed_precision bf16 (or no) on this machine")
+    kwargs = []
+    if config.ddp_timeout or config.ddp_gradient_as_bucket_view or config.ddp_static_graph:
+        from datetime import timedelta
+
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+        if config.ddp_timeout:
+            kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=config.ddp_timeout)))
+        kwargs.append(DistributedDataParallelKwargs(gradient_as_bucket_view=config.ddp_gradient_as_bucket_view,
+                                                    static_graph=config.ddp_static_graph))
+    # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`): accelerate sets up
+    # gloo on the CPU only when told to.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=kwargs, cpu=cpu)
+
+
+def configure_attention(config: TrainConfig, unet, vae) -> None:
+    """SDPA is diffusers' default; xformers when asked and installed; --mem_eff_attn maps to SDPA."""
+    if config.xformers:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise LorakitError("--xformers: the xformers package is not installed; drop the flag (lorakit uses "
+                               "torch SDPA by default) or pip install xformers") from None
+        unet.enable_xformers_memory_efficient_attention()
+        vae.enable_xformers_memory_efficient_attention()
+    elif config.mem_eff_attn:
+        logger.info("--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention (memory-efficient kernels)")
+
+
+def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: torch.dtype) -> None:
+    """--fp8_base / --fp8_base_unet: frozen weights stored as float8_e4m3fn, each layer computed in the mixed
+    dtype (diffusers' layerwise casting)."""
+    if not (config.fp8_base or config.fp8_base_unet):
+        return
+    if compute_dtype == torch.float32:
+        raise LorakitError("--fp8_base needs --mixed_precision bf16 or fp16 (the dtype layers compute in)")
+    from diffusers.hooks import apply_layerwise_casting
+
+    apply_layerwise_casting(unet, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    if config.fp8_base:
+        for text_encoder in text_encoders:
+            apply_layerwise_casting(text_encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                    skip_modules_pattern=("embeddings", "norm"))
+
+
+def make_network(config: TrainConfig, components, unet, text_encoders, vae, train_unet: bool,
+                 train_text_encoder: bool):
+    """Build the network (or the plug-in's), attach it, load --network_weights; returns it and its alpha."""
+    module = config.network_module or LORAKIT_MODULE
+    args = network_args_dict(config)
+    live_encoders = [t for t in text_encoders if t is not None]
+    if config.dim_from_weights:
+        if not config.network_weights:
+            raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
+        state, _ = read_lora(config.network_weights)
+        network = network_from_file(unet, live_encoders, to_sgm_names(state, unet), config.network_weights,
+                                    network_args=args, dropout=config.network_dropout, train_unet=train_unet,
+                                    train_text_encoder=train_text_encoder)
+    else:
+        network = create_network(module, unet=unet, text_encoders=live_encoders, vae=vae,
+                                  network_dim=config.network_dim, network_alpha=config.network_alpha,
+                                  dropout=config.network_dropout, network_args=args,
+                                  train_unet=train_unet, train_text_encoder=train_text_encoder)
+    if isinstance(network, LoRANetwork):
+        network.attach()
+    else:
+        network.apply_to(live_encoders, unet, train_text_encoder, train_unet)
+    if config.network_weights:
+        if isinstance(network, LoRANetwork):
+            report = load_network_weights(network, config.network_weights, unet)
+            if report.missing:
+                logger.warning("--network_weights: %d tensors of the network are not in the file (first: %s)",
+                               len(report.missing), report.missing[0])
+            if report.unexpected:
+                logger.warning("--network_weights: %d tensors of the file are not in the network (first: %s)",
+                               len(report.unexpected), report.unexpected[0])
+        else:
+            network.load_weights(config.network_weights)
+    alphas = {float(lora.alpha) for lora in getattr(network, "loras", [])}
+    network_alpha = alphas.pop() if len(alphas) == 1 else (config.network_alpha or 0.0)
+    return network, network_alpha
+
+
+def plugin_groups(network, config: TrainConfig) -> list[dict]:
+    result = network.prepare_optimizer_params(config.text_encoder_lr1, config.unet_lr, config.learning_rate)
+    groups = result[0] if isinstance(result, tuple) else result
+    return [g if isinstance(g, dict) else {"params": list(g)} for g in groups]
+
+
+def network_args_dict(config: TrainConfig) -> dict[str, str] | None:
+    if not config.network_args:
+        return None
+    pairs = {}
+    for item in config.network_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LorakitError(f"--network_args {item!r}: expected key=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def base_weight_multipliers(config: TrainConfig) -> list[float]:
+    given = list(config.base_weights_multiplier or ())
+    return given + [1.0] * (len(config.base_weights or ()) - len(given))
+
+
+
+
+def memory_estimate(config: TrainConfig) -> str:
+    """A rough peak-memory figure for --dry_run, from the checkpoint's tensor shapes (no weights are read)."""
+    path = config.pretrained_model_name_or_path
+    if not path or not os.path.isfile(path) or not path.endswith(".safetensors"):
+        return "memory estimate: needs a single-file .safetensors checkpoint"
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        counts = {}
+        for key in f.keys():
+            part = key.split(".")[0] if not key.startswith("conditioner") else ".".join(key.split(".")[:3])
+            counts[part] = counts.get(part, 0) + math.prod(f.get_slice(key).get_shape())
+    weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
+    unet = counts.get("model", 0) * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
+    text = sum(v for k, v in counts.items() if k.startswith("conditioner")) * weight_bytes
+    vae = counts.get("first_stage_model", 0) * (4 if config.no_half_vae else weight_bytes)
+    if config.cache_text_encoder_outputs:
+        text = 0
+    if config.cache_latents:
+        vae = 0
+    gib = (unet + text + vae) / 2**30
+    return (f"memory estimate: about {gib:.1f} GiB of frozen weights resident during training "
+            f"(U-Net {unet / 2**30:.1f}, text encoders {text / 2**30:.1f}, VAE {vae / 2**30:.1f}), plus activations")
+
+
