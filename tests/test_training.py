@@ -690,3 +690,30 @@ def test_fp16_on_a_cpu_only_machine_is_refused_in_one_line(fresh_accelerate_stat
                                "--mixed_precision", "fp16", "--full_fp16"])
     with pytest.raises(LorakitError, match=r"^--mixed_precision fp16 needs a GPU: .* use --mixed_precision bf16"):
         make_accelerator(config)
+
+
+# ---------------------------------------------------------------------------------------------------- start-up
+
+
+def lora_parameters(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return sum(t.numel() for k, t in state.items() if k.startswith(prefix) and not k.endswith(".alpha"))
+
+
+def test_start_up_summary_names_each_group_and_where_each_model_lives(tiny_single_file, one_image, tmp_path,
+                                                                      capsys):
+    dataset, _ = one_image
+    result = run(tiny_single_file, dataset, tmp_path / "te", "--max_train_steps", "1", "--cache_latents",
+                 "--text_encoder_lr", "1e-3", "3e-3", "--unet_lr", "2e-3")
+    out = capsys.readouterr().out
+    state, _ = read_lora(result.final_file)
+    for group, prefix, lr in (("textencoder1", "lora_te1_", "1.00e-03"), ("textencoder2", "lora_te2_", "3.00e-03"),
+                              ("unet", "lora_unet_", "2.00e-03")):
+        assert re.search(rf"^  {group} +{lora_parameters(state, prefix):,}  lr {lr}$", out, re.M), out
+    assert re.search(rf"^  total +{lora_parameters(state, 'lora_'):,}$", out, re.M), out
+    assert "models: U-Net float32 on cpu; VAE released; TE1 float32 on cpu; TE2 float32 on cpu" in out
+
+    run(tiny_single_file, dataset, tmp_path / "unet", "--max_train_steps", "1", "--cache_latents",
+        "--cache_text_encoder_outputs", "--network_train_unet_only")
+    out = capsys.readouterr().out
+    assert "models: U-Net float32 on cpu; VAE released; TE1 released; TE2 released" in out
+    assert "textencoder1" not in out.split("trainable parameters:")[1].split("models:")[0]

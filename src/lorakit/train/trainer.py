@@ -23,6 +23,8 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - Ctrl-C / SIGTERM: the step in progress is finished, then `{name}-step{N:08d}.safetensors` and its `-state`
   folder are saved (ordinary step-checkpoint names, so rotation and --resume treat them like any other) and the
   resume command printed; exit status 130 (`lorakit.train.interrupt`).
+- start-up summary (main process): datasets and buckets, steps per epoch and in total, trainable parameters and
+  learning rate per optimizer group, dtype and device of each model (or "released" / "on CPU until sampling").
 - logs and looks: the reference's TensorBoard/wandb keys, `{output_name or "last"}_curves.png` (loss and LR curves)
   in the output folder at the end, sample images (`lorakit.train.sampling`) from the live modules, validation loss
   (`lorakit.train.validation`).
@@ -148,6 +150,8 @@ def train(config: TrainConfig) -> TrainResult:
                                           not config.network_train_unet_only)
     prepare_network(config, network, models)
     opt = build_optimization(config, network, plan.max_train_steps, world)
+    if main:
+        print(model_summary(opt, models))
 
     # ------------------------------------------------------------------ step options, saves, resume
     step_options = step_options_of(config)
@@ -479,6 +483,33 @@ def build_optimization(config: TrainConfig, network, max_train_steps: int, world
                       max_grad_norm=config.max_grad_norm, num_processes=world)
     return Optimization(built, lr_scheduler, [p for group in groups for p in group["params"]], groups,
                         [group.get("name", f"group{i}") for i, group in enumerate(groups)])
+
+
+def model_summary(opt: Optimization, models: Models) -> str:
+    """The start-up block: trainable parameters and learning rate per optimizer group, and where each model
+    lives."""
+    lines = ["trainable parameters:"]
+    for name, group in zip(opt.group_names, opt.optimizer.param_groups):
+        lr = group.get("initial_lr", group.get("lr"))
+        count = sum(p.numel() for p in group["params"])
+        lines.append(f"  {name:<16} {count:>12,}  lr {'auto' if lr is None else f'{lr:.2e}'}")
+    lines.append(f"  {'total':<16} {sum(p.numel() for p in opt.params):>12,}")
+    components = models.components
+    held = {"U-Net": (models.unet, models.unet), "VAE": (models.vae, components.vae),
+            "TE1": (models.text_encoders[0], components.text_encoder1),
+            "TE2": (models.text_encoders[1], components.text_encoder2)}
+    places = [f"{name} {_placement(live, parked, models.weight_dtype)}" for name, (live, parked) in held.items()]
+    return "\n".join(lines + ["models: " + "; ".join(places)])
+
+
+def _placement(live: torch.nn.Module | None, parked: torch.nn.Module | None, compute_dtype: torch.dtype) -> str:
+    if live is None:
+        return "on CPU until sampling" if parked is not None else "released"
+    param = next(live.parameters())
+    dtype = str(param.dtype).removeprefix("torch.")
+    if param.dtype.itemsize == 1:
+        dtype += f" (computes in {str(compute_dtype).removeprefix('torch.')})"
+    return f"{dtype} on {param.device}"
 
 
 # ---------------------------------------------------------------------------------------------------- looks
