@@ -43,10 +43,11 @@ def run_metadata(config: TrainConfig, facts: RunFacts, data: TrainingData, model
         "ss_network_module": config.network_module or "networks.lora",
         "ss_network_dim": config.network_dim if config.network_dim is not None else 4,
         "ss_network_alpha": float(facts.network_alpha),
-        "ss_network_args": json.dumps(facts.network_args) if facts.network_args else None,
         "ss_v2": False,
         "ss_base_model_version": BASE_MODEL_VERSION,
     }
+    if facts.network_args:  # sd-scripts writes it only when --network_args was given
+        metadata["ss_network_args"] = json.dumps(facts.network_args)
     if not config.no_metadata:
         metadata |= _training_metadata(config, facts, text_encoder_lr) | _dataset_metadata(config, data)
         metadata |= _model_metadata("sd_model", model) | (_model_metadata("vae", vae) if vae else {})
@@ -59,7 +60,7 @@ def run_metadata(config: TrainConfig, facts: RunFacts, data: TrainingData, model
         thumbnail=config.metadata_thumbnail, trigger_phrase=config.metadata_trigger_phrase,
         preprocessor=config.metadata_preprocessor, is_negative_embedding=config.metadata_is_negative_embedding,
     )
-    return {key: str(value) for key, value in metadata.items() if value is not None or key.startswith("ss_")} | spec
+    return {key: str(value) for key, value in metadata.items()} | spec
 
 
 def save_metadata(shared: dict[str, str], *, steps: int, epoch: int, no_metadata: bool) -> dict[str, str]:
