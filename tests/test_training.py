@@ -717,3 +717,56 @@ def test_start_up_summary_names_each_group_and_where_each_model_lives(tiny_singl
     out = capsys.readouterr().out
     assert "models: U-Net float32 on cpu; VAE released; TE1 released; TE2 released" in out
     assert "textencoder1" not in out.split("trainable parameters:")[1].split("models:")[0]
+
+
+# ---------------------------------------------------------------------------------------------------- data loader
+
+
+@pytest.fixture
+def three_images(tmp_path) -> Path:
+    """Three captioned images in two buckets, flipped at random with shuffled captions."""
+    write_image_folder(tmp_path / "img", 3, ((64, 64), (96, 64)))
+    return write_dataset_toml(tmp_path / "d.toml", tmp_path / "img", resolution=64,
+                              extra_subset="flip_aug = true\nshuffle_caption = true\ncaption_dropout_rate = 0.3\n")
+
+
+def test_persistent_data_loader_workers_train_the_weights_of_no_workers(tiny_single_file, three_images, tmp_path):
+    # Dropout draws from the global RNG: the loader's workers must not shift it.
+    common = ("--max_train_epochs", "3", "--network_dropout", "0.2", "--learning_rate", "1e-3")
+    inline = run(tiny_single_file, three_images, tmp_path / "inline", *common)
+    workers = run(tiny_single_file, three_images, tmp_path / "workers", *common, "--max_data_loader_n_workers", "1",
+                  "--persistent_data_loader_workers")
+    assert inline.global_step == workers.global_step == 9
+    assert inline.losses == workers.losses
+    inline_state, _ = read_lora(inline.final_file)
+    workers_state, _ = read_lora(workers.final_file)
+    assert all(torch.equal(inline_state[k], workers_state[k]) for k in inline_state)
+
+
+def test_persistent_workers_live_across_epochs_and_load_the_same_batches(three_images):
+    from lorakit.data.dataset import TrainingData
+    from lorakit.data.discovery import load_datasets
+    from lorakit.train.loader import RunLoader
+
+    config = parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config",
+                               str(three_images)])
+    data = TrainingData(load_datasets(dataclasses.asdict(config)), 5)
+
+    def epochs(workers: int, persistent: bool) -> tuple[list[list[str]], list[int]]:
+        loader = RunLoader(data, seed=5, max_train_steps=9, latents=None, text=None, masked_loss=False,
+                           workers=workers, persistent=persistent, rank=0, world=1, gradient_accumulation_steps=1)
+        captions, worker_pids = [], []
+        for epoch in (1, 2, 3):
+            indices = loader.share(epoch)
+            captions.append([c for _, batch in loader.epoch(epoch, indices, 3 * (epoch - 1)) for c in batch.captions])
+            iterator = loader.loader._iterator
+            worker_pids.append(iterator._workers[0].pid if iterator is not None else None)
+        return captions, worker_pids
+
+    inline, _ = epochs(0, False)
+    persistent, pids = epochs(1, True)
+    per_epoch, no_pids = epochs(1, False)
+    assert inline == persistent == per_epoch
+    assert inline[0] != inline[1]  # shuffled captions and order: each epoch draws anew
+    assert pids[0] is not None and pids == [pids[0]] * 3  # one worker process serves every epoch
+    assert no_pids == [None] * 3  # without the flag, each epoch's workers end with it

@@ -51,7 +51,8 @@ class EpochKeys(torch.utils.data.Sampler):
 
 
 class RunLoader:
-    """This process's batches, epoch by epoch, from one DataLoader."""
+    """This process's batches, epoch by epoch, from one DataLoader whose workers start once per run with
+    `persistent` (`--persistent_data_loader_workers`), else once per epoch."""
 
     def __init__(self, data: TrainingData, *, seed: int, max_train_steps: int, latents: Mapping | None,
                  text: Mapping | None, masked_loss: bool, workers: int, persistent: bool, rank: int, world: int,
@@ -61,7 +62,10 @@ class RunLoader:
         self.loader = torch.utils.data.DataLoader(
             RunBatches(data, seed=seed, max_train_steps=max_train_steps, latents=latents, text=text,
                        masked_loss=masked_loss),
-            sampler=self.keys, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0)
+            sampler=self.keys, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
+            # Worker seeds come from a generator of the loader's own: each iter() of a DataLoader draws one, and
+            # from the global RNG that would make dropout depend on the worker settings.
+            generator=torch.Generator().manual_seed(seed))
 
     def share(self, epoch: int) -> list[int]:
         """Indices of this process's batches among the epoch's (see `shard`)."""

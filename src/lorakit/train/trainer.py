@@ -3,7 +3,8 @@
 What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - data: dataset TOML/JSON or `N_name` folders, buckets, caption processing, flip/colour/crop augmentation,
   regularisation images with `--prior_loss_weight`, masked loss and alpha masks, `--weighted_captions`;
-  every image is scanned before any weights load.
+  every image is scanned before any weights load; one DataLoader serves the whole run (its workers live across
+  epochs with `--persistent_data_loader_workers`, `lorakit.train.loader`).
 - caches: latents (memory or disk, flipped copies with `flip_aug`) and text-encoder outputs; the text encoders and
   the VAE are released afterwards when nothing else needs them.
 - network: `networks.lora` (or a plug-in module), `--network_weights`, `--dim_from_weights`, `--base_weights`,
@@ -178,7 +179,8 @@ def train(config: TrainConfig) -> TrainResult:
                             log, accelerator) if validation_data.images() else None
     loader = RunLoader(data, seed=seed, max_train_steps=plan.max_train_steps, latents=models.latents,
                        text=models.text, masked_loss=config.masked_loss,
-                       workers=data_loader_workers(config.max_data_loader_n_workers), persistent=False, rank=rank,
+                       workers=data_loader_workers(config.max_data_loader_n_workers),
+                       persistent=config.persistent_data_loader_workers, rank=rank,
                        world=world, gradient_accumulation_steps=config.gradient_accumulation_steps)
 
     # ------------------------------------------------------------------ the loop
