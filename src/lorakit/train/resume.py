@@ -67,8 +67,9 @@ def start_position(config: TrainConfig, steps_per_epoch: int, resumed: TrainStat
     return StartPosition(resumed.global_step, int(progress["epoch"]), int(progress["batches_done"]))
 
 
-def restore(state: TrainState, network, optimizer, lr_scheduler, rank: int) -> None:
-    """Network weights, optimizer, LR schedule and this rank's RNG states from a state folder."""
+def restore(state: TrainState, network, optimizer, lr_scheduler, scaler, rank: int) -> None:
+    """Network weights, optimizer, LR schedule, gradient scaler and this rank's RNG states from a state
+    folder."""
     try:
         network.load_state_dict(state.network)
     except RuntimeError as error:
@@ -81,6 +82,8 @@ def restore(state: TrainState, network, optimizer, lr_scheduler, rank: int) -> N
         raise LorakitError(f"--resume: the state's optimizer does not match this run's (--optimizer_type, "
                            f"learning rates): {error}") from None
     lr_scheduler.load_state_dict(state.scheduler)
+    if state.scaler:  # a disabled scaler (the run is not fp16) ignores it
+        scaler.load_state_dict(state.scaler)
     if rank >= len(state.rng):
         logger.warning("--resume: the state was saved by %d processes; rank %d starts from rank 0's RNG states",
                        len(state.rng), rank)

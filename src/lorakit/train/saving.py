@@ -34,14 +34,14 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32,
 
 
 class Checkpointer:
-    """Owns what a save needs: output names, the run's metadata, the save dtype, the optimizer and schedule whose
-    states go into state folders, and the cadence and rotation flags."""
+    """Owns what a save needs: output names, the run's metadata, the save dtype, the optimizer, schedule and
+    gradient scaler whose states go into state folders, and the cadence and rotation flags."""
 
     def __init__(self, config: TrainConfig, *, network: torch.nn.Module, params: list[torch.Tensor], optimizer,
-                 lr_scheduler, schedule_free: bool, metadata: dict[str, str], seed: int, num_epochs: int,
-                 max_train_steps: int, accelerator: Accelerator) -> None:
+                 lr_scheduler, scaler: torch.amp.GradScaler, schedule_free: bool, metadata: dict[str, str],
+                 seed: int, num_epochs: int, max_train_steps: int, accelerator: Accelerator) -> None:
         self.config, self.network, self.params = config, network, params
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.optimizer, self.lr_scheduler, self.scaler = optimizer, lr_scheduler, scaler
         self.schedule_free, self.metadata, self.accelerator = schedule_free, metadata, accelerator
         self.seed, self.num_epochs, self.max_train_steps = seed, num_epochs, max_train_steps
         self.names = OutputNames(Path(config.output_dir or "."), config.output_name, config.save_model_as)
@@ -100,7 +100,7 @@ class Checkpointer:
             logger.info("saved %s", path)
             if state_dir is not None:
                 write_state(state_dir, network=self.network, optimizer=self.optimizer,
-                            lr_scheduler=self.lr_scheduler, rng=rng,
+                            lr_scheduler=self.lr_scheduler, rng=rng, scaler=self.scaler,
                             progress=run.state(self.seed, world, self.max_train_steps))
                 logger.info("saved state %s", state_dir)
         self.accelerator.wait_for_everyone()

@@ -5,6 +5,7 @@ A state folder (`OutputNames.state_dir`, e.g. `my_lora-step00000500-state/`):
   optimizer.safetensors    every tensor of `optimizer.state_dict()`, keyed by its path in the nested structure
   optimizer.json           the rest of it, each tensor replaced by {"__tensor__": key}
   scheduler.json           `lr_scheduler.state_dict()` (same encoding, tensors in scheduler.safetensors)
+  scaler.json              the fp16 gradient scaler's `state_dict()` ({} when the run does not scale; optional)
   rng.json                 per process rank: python `random`, numpy, torch CPU (+ CUDA) (byte states inlined as
                            base64); the loop's noise needs none: each batch's generator is seeded from its position
   progress.json            absolute global step, epoch, batches done in it, seed, log averages
@@ -20,7 +21,7 @@ import contextlib
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -142,6 +143,7 @@ class TrainState:
     scheduler: dict[str, Any]
     rng: list[dict[str, Any]]  # one per process rank, decoded
     progress: dict[str, Any]
+    scaler: dict[str, Any] = field(default_factory=dict)  # empty: the run did not scale its loss
 
     @property
     def global_step(self) -> int:
@@ -166,7 +168,7 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 
 
 def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
-                rng: list[str], progress: Mapping[str, Any]) -> None:
+                rng: list[str], progress: Mapping[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
     """Write a complete state folder atomically. `rng` holds each rank's `rng_json`; `progress` the loop's
     position (global_step, epoch, ...)."""
     with atomic_path(folder) as partial:
@@ -178,6 +180,7 @@ def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.opti
             encoded = encode(state, tensors)
             save_file(tensors, partial / f"{name}.safetensors")
             (partial / f"{name}.json").write_text(json.dumps(encoded))
+        (partial / "scaler.json").write_text(json.dumps(encode(scaler.state_dict() if scaler else {}, None)))
         (partial / "rng.json").write_text("[" + ",".join(rng) + "]")
         (partial / "progress.json").write_text(json.dumps({"format": FORMAT, **progress}, indent=2))
         (partial / "train_state.json").write_text(json.dumps(
@@ -206,6 +209,7 @@ def read_state(folder: str | Path) -> TrainState:
         scheduler=loaded["scheduler"],
         rng=[decode(r) for r in json.loads((folder / "rng.json").read_text())],
         progress=json.loads((folder / "progress.json").read_text()),
+        scaler=decode(json.loads((folder / "scaler.json").read_text())) if (folder / "scaler.json").is_file() else {},
     )
 
 

@@ -13,8 +13,9 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
   huber/smooth_l1, min-SNR, debiased estimation, differential output preservation (`lorakit.train.step`).
 - optimisation: any `--optimizer_type` and `--lr_scheduler`, gradient accumulation, clipping, max-norm
   regularisation, a real `--fused_backward_pass`.
-- precision: `--mixed_precision` through accelerate, `--full_bf16/--full_fp16`, fp8 base weights, gradient
-  checkpointing, SDPA / xformers attention, `torch.compile`.
+- precision: `--mixed_precision` through accelerate, with loss scaling under fp16 (`lorakit.train.grad_scaler`,
+  saved in states), `--full_bf16/--full_fp16`, fp8 base weights, gradient checkpointing, SDPA / xformers
+  attention, `torch.compile`.
 - outputs: sd-scripts' file names, cadence and rotation, metadata, atomic writes; a NaN loss stops the run with the
   batch's image paths and leaves saved files intact; free disk space is checked before each save.
 - states: `--save_state` writes `lorakit.train.state` folders beside the LoRA files (`--save_state_on_train_end`,
@@ -67,6 +68,7 @@ from lorakit.models.vae import LATENT_SCALE
 from lorakit.network.apply import merge_lora
 from lorakit.network.network import LoRANetwork
 from lorakit.train.fused import fuse_backward
+from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.interrupt import StopRequest
 from lorakit.train.loader import RunLoader, batch_generator, data_loader_workers, validation_batches
 from lorakit.train.logs import TrainingLog, epoch_logs, step_logs, validation_logs
@@ -150,7 +152,7 @@ def train(config: TrainConfig) -> TrainResult:
                                           models.vae, not config.network_train_text_encoder_only,
                                           not config.network_train_unet_only)
     prepare_network(config, network, models)
-    opt = build_optimization(config, network, plan.max_train_steps, world)
+    opt = build_optimization(config, network, plan.max_train_steps, world, accelerator.device)
     if main:
         print(model_summary(opt, models))
 
@@ -164,11 +166,11 @@ def train(config: TrainConfig) -> TrainResult:
         total_batch_size=datasets[0].settings.batch_size * world * config.gradient_accumulation_steps)
     checkpointer = Checkpointer(
         config, network=network, params=opt.params, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
-        schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
+        scaler=opt.scaler, schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
         max_train_steps=plan.max_train_steps, accelerator=accelerator,
         metadata=run_metadata(config, facts, data, models.components.identity, models.components.vae_identity))
     if resumed is not None:
-        restore(resumed, network, opt.optimizer, opt.lr_scheduler, rank)
+        restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
     start = start_position(config, plan.steps_per_epoch, resumed, world)
     if resumed is None and start.global_step:
         advance_scheduler(opt.lr_scheduler, start.global_step)
@@ -206,7 +208,7 @@ def train(config: TrainConfig) -> TrainResult:
                         loss = batch_loss(batch, models, network, step_options, batch_generator(seed, epoch,
                                           global_index), config, train_text_encoder=train_text_encoder)
                     check_finite(loss, batch, run.global_step + 1, epoch)
-                    (loss / gas).backward()
+                    opt.scaler.scale(loss / gas).backward()
                     run.add_batch_loss(loss.item())
                     if (batch_index + 1) % gas and batch_index + 1 < len(indices):
                         continue
@@ -294,14 +296,17 @@ def check_finite(loss: torch.Tensor, batch: TrainBatch, step: int, epoch: int) -
 
 
 def optimizer_step(opt: Optimization, network, config: TrainConfig, world: int, device) -> dict | None:
-    """One optimizer step once its batches' backward passes are done: gradients averaged across processes and
-    clipped, the optimizer and the LR schedule stepped, then `--scale_weight_norms`. Returns the max-norm
-    statistics for the log (None without max-norm)."""
+    """One optimizer step once its batches' backward passes are done: gradients averaged across processes,
+    unscaled (fp16) and clipped, the optimizer (skipped by the scaler when fp16 gradients overflowed) and the LR
+    schedule stepped, then `--scale_weight_norms`. Returns the max-norm statistics for the log (None without
+    max-norm)."""
     if not config.fused_backward_pass:  # fused: every parameter stepped during backward()
         average_gradients(opt.params, world)
+        opt.scaler.unscale_(opt.optimizer)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(opt.params, config.max_grad_norm)
-        opt.optimizer.step()
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
         opt.optimizer.zero_grad(set_to_none=True)
     opt.lr_scheduler.step()
     if config.scale_weight_norms and isinstance(network, LoRANetwork):
@@ -450,10 +455,11 @@ def prepare_network(config: TrainConfig, network, models: Models) -> None:
 
 @dataclass
 class Optimization:
-    """The optimizer over the network's groups and its LR schedule."""
+    """The optimizer over the network's groups, its LR schedule and the gradient scaler (disabled unless fp16)."""
 
     built: BuiltOptimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
     params: list[torch.Tensor]
     groups: list[dict]
     group_names: list[str]
@@ -463,7 +469,10 @@ class Optimization:
         return self.built.optimizer
 
 
-def build_optimization(config: TrainConfig, network, max_train_steps: int, world: int) -> Optimization:
+def build_optimization(config: TrainConfig, network, max_train_steps: int, world: int,
+                       device: torch.device) -> Optimization:
+    scaler = gradient_scaler(config.mixed_precision, full_fp16=config.full_fp16,
+                             fused_backward_pass=config.fused_backward_pass, device_type=device.type)
     groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
                                       config.learning_rate) if isinstance(network, LoRANetwork) else \
         plugin_groups(network, config)
@@ -483,7 +492,7 @@ def build_optimization(config: TrainConfig, network, max_train_steps: int, world
     if config.fused_backward_pass:  # each parameter steps in its gradient hook; the loop only steps the schedule
         fuse_backward(built.optimizer, built.make, gradient_accumulation_steps=config.gradient_accumulation_steps,
                       max_grad_norm=config.max_grad_norm, num_processes=world)
-    return Optimization(built, lr_scheduler, [p for group in groups for p in group["params"]], groups,
+    return Optimization(built, lr_scheduler, scaler, [p for group in groups for p in group["params"]], groups,
                         [group.get("name", f"group{i}") for i, group in enumerate(groups)])
 
 
