@@ -96,3 +96,4 @@ def test_the_scaler_state_goes_through_a_state_folder(tmp_path):
     write_state(tmp_path / "plain", network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 rng=[rng_json()], progress=progress)
     assert read_state(tmp_path / "plain").scaler == {}
+    assert not (tmp_path / "plain" / "scaler.json").exists()  # states of bf16 / fp32 runs are as before

@@ -5,7 +5,7 @@ A state folder (`OutputNames.state_dir`, e.g. `my_lora-step00000500-state/`):
   optimizer.safetensors    every tensor of `optimizer.state_dict()`, keyed by its path in the nested structure
   optimizer.json           the rest of it, each tensor replaced by {"__tensor__": key}
   scheduler.json           `lr_scheduler.state_dict()` (same encoding, tensors in scheduler.safetensors)
-  scaler.json              the fp16 gradient scaler's `state_dict()` ({} when the run does not scale; optional)
+  scaler.json              the gradient scaler's `state_dict()`, only when the run scales its loss (fp16)
   rng.json                 per process rank: python `random`, numpy, torch CPU (+ CUDA) (byte states inlined as
                            base64); the loop's noise needs none: each batch's generator is seeded from its position
   progress.json            absolute global step, epoch, batches done in it, seed, log averages
@@ -180,7 +180,8 @@ def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.opti
             encoded = encode(state, tensors)
             save_file(tensors, partial / f"{name}.safetensors")
             (partial / f"{name}.json").write_text(json.dumps(encoded))
-        (partial / "scaler.json").write_text(json.dumps(encode(scaler.state_dict() if scaler else {}, None)))
+        if scaler is not None and scaler.is_enabled():
+            (partial / "scaler.json").write_text(json.dumps(encode(scaler.state_dict(), None)))
         (partial / "rng.json").write_text("[" + ",".join(rng) + "]")
         (partial / "progress.json").write_text(json.dumps({"format": FORMAT, **progress}, indent=2))
         (partial / "train_state.json").write_text(json.dumps(
