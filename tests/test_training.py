@@ -770,3 +770,17 @@ def test_persistent_workers_live_across_epochs_and_load_the_same_batches(three_i
     assert inline[0] != inline[1]  # shuffled captions and order: each epoch draws anew
     assert pids[0] is not None and pids == [pids[0]] * 3  # one worker process serves every epoch
     assert no_pids == [None] * 3  # without the flag, each epoch's workers end with it
+
+
+# ---------------------------------------------------------------------------------------------------- one process
+
+
+def test_two_runs_in_one_process_may_use_different_mixed_precision(tiny_single_file, one_image, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    dataset, _ = one_image
+    first = run(tiny_single_file, dataset, tmp_path / "bf16", "--max_train_steps", "1", "--mixed_precision", "bf16")
+    assert AcceleratorState().mixed_precision == "bf16"
+    second = run(tiny_single_file, dataset, tmp_path / "fp32", "--max_train_steps", "1")
+    assert AcceleratorState().mixed_precision == "no"
+    assert first.final_file.is_file() and second.final_file.is_file()

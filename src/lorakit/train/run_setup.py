@@ -36,7 +36,20 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`): accelerate sets up
     # gloo on the CPU only when told to.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    forget_other_precision(config.mixed_precision)
     return Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=kwargs, cpu=cpu)
+
+
+def forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed precision
+    ("AcceleratorState has already been initialized"); a second run in the same process (the demo, benchmarks,
+    tests) with another precision starts that state afresh. The process group (accelerate's PartialState) is
+    kept: it does not depend on the precision."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def configure_attention(config: TrainConfig, unet, vae) -> None:
