@@ -158,17 +158,11 @@ def train(config: TrainConfig) -> TrainResult:
 
     # ------------------------------------------------------------------ step options, saves, resume
     step_options = step_options_of(config)
-    facts = RunFacts(
-        session_id=random.randrange(2**32), started_at=time.time(), num_batches_per_epoch=plan.batches_per_epoch,
-        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer=opt.built.description,
-        learning_rate=opt.built.lr, lr_scheduler=opt.built.lr_scheduler or config.lr_scheduler,
-        network_args=network_args_dict(config), network_alpha=network_alpha, seed=seed,
-        total_batch_size=datasets[0].settings.batch_size * world * config.gradient_accumulation_steps)
     checkpointer = Checkpointer(
         config, network=network, params=opt.params, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
         scaler=opt.scaler, schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
         max_train_steps=plan.max_train_steps, accelerator=accelerator,
-        metadata=run_metadata(config, facts, data, models.components.identity, models.components.vae_identity))
+        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world))
     if resumed is not None:
         restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
     start = start_position(config, plan.steps_per_epoch, resumed, world)
@@ -178,7 +172,7 @@ def train(config: TrainConfig) -> TrainResult:
     log = TrainingLog.from_config(config, enabled=main)
     samples = SampleImages(config, prompts, models, network, checkpointer.names.output_dir, log, accelerator)
     validation = Validation(config, validation_data, models, network, step_options, seed, plan.max_train_steps,
-                            log, accelerator) if validation_data.images() else None
+                            log, accelerator)
     loader = RunLoader(data, seed=seed, max_train_steps=plan.max_train_steps, latents=models.latents,
                        text=models.text, masked_loss=config.masked_loss,
                        workers=data_loader_workers(config.max_data_loader_n_workers),
@@ -214,24 +208,18 @@ def train(config: TrainConfig) -> TrainResult:
                         continue
                     max_norm = optimizer_step(opt, network, config, world, accelerator.device)
                     run.step_done(epoch, batch_index + 1, loss.item())
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", avg=f"{run.moving.average:.4f}",
-                                    lr=f"{opt.lr_scheduler.get_last_lr()[0]:.2e}")
-                    log.log(step_logs(loss.item(), run.moving.average, opt.lr_scheduler.get_last_lr(),
-                                      opt.group_names, opt.optimizer.param_groups, max_norm), run.global_step)
+                    report_step(bar, log, run, opt, epoch, max_norm)
                     stop_now = stop_requested(stop, world, accelerator.device)
                     checkpointer.after_step(run, stop_now and run.global_step < plan.max_train_steps)
                     samples.maybe("step", run.global_step, epoch)
-                    if validation is not None:
-                        validation.maybe("step", run, epoch)
+                    validation.maybe("step", run, epoch)
                     if run.global_step >= plan.max_train_steps:
                         break
                 if run.epoch_losses:
                     log.log(epoch_logs(sum(run.epoch_losses) / len(run.epoch_losses)), run.global_step)
                 run.epoch_done(epoch, len(indices))
                 checkpointer.after_epoch(run, epoch)
-                if validation is not None:
-                    validation.maybe("epoch", run, epoch)
+                validation.maybe("epoch", run, epoch)
                 samples.maybe("epoch", run.global_step, epoch)
             final = checkpointer.at_end(run)
     finally:
@@ -312,6 +300,16 @@ def optimizer_step(opt: Optimization, network, config: TrainConfig, world: int, 
     if config.scale_weight_norms and isinstance(network, LoRANetwork):
         return network.apply_max_norm_regularization(config.scale_weight_norms, device)
     return None
+
+
+def report_step(bar: tqdm, log: TrainingLog, run: RunProgress, opt: Optimization, epoch: int,
+                max_norm: dict | None) -> None:
+    """The progress bar and the step's log record (`loss/current`, `loss/average`, `lr/<group>`, max-norm)."""
+    loss, learning_rates = run.losses[-1], opt.lr_scheduler.get_last_lr()
+    bar.update(1)
+    bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", avg=f"{run.moving.average:.4f}", lr=f"{learning_rates[0]:.2e}")
+    log.log(step_logs(loss, run.moving.average, learning_rates, opt.group_names, opt.optimizer.param_groups,
+                      max_norm), run.global_step)
 
 
 def step_options_of(config: TrainConfig) -> StepOptions:
@@ -461,7 +459,6 @@ class Optimization:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     params: list[torch.Tensor]
-    groups: list[dict]
     group_names: list[str]
 
     @property
@@ -492,8 +489,20 @@ def build_optimization(config: TrainConfig, network, max_train_steps: int, world
     if config.fused_backward_pass:  # each parameter steps in its gradient hook; the loop only steps the schedule
         fuse_backward(built.optimizer, built.make, gradient_accumulation_steps=config.gradient_accumulation_steps,
                       max_grad_norm=config.max_grad_norm, num_processes=world)
-    return Optimization(built, lr_scheduler, scaler, [p for group in groups for p in group["params"]], groups,
+    return Optimization(built, lr_scheduler, scaler, [p for group in groups for p in group["params"]],
                         [group.get("name", f"group{i}") for i, group in enumerate(groups)])
+
+
+def metadata_of(config: TrainConfig, plan: StepPlan, opt: Optimization, network_alpha: float, seed: int,
+                data: TrainingData, models: Models, world: int) -> dict[str, str]:
+    """The `ss_*` metadata every saved file of the run shares (`lorakit.train.metadata`)."""
+    facts = RunFacts(
+        session_id=random.randrange(2**32), started_at=time.time(), num_batches_per_epoch=plan.batches_per_epoch,
+        num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer=opt.built.description,
+        learning_rate=opt.built.lr, lr_scheduler=opt.built.lr_scheduler or config.lr_scheduler,
+        network_args=network_args_dict(config), network_alpha=network_alpha, seed=seed,
+        total_batch_size=data.datasets[0].settings.batch_size * world * config.gradient_accumulation_steps)
+    return run_metadata(config, facts, data, models.components.identity, models.components.vae_identity)
 
 
 def model_summary(opt: Optimization, models: Models) -> str:
@@ -571,6 +580,7 @@ class Validation:
                  seed: int, max_train_steps: int, log: TrainingLog, accelerator: Accelerator) -> None:
         self.config, self.models, self.network, self.options = config, models, network, options
         self.log, self.accelerator = log, accelerator
+        self.held_out = data.images() > 0
         self.seed = config.validation_seed if config.validation_seed is not None else seed
         self.batches = validation_batches(data, seed=seed, max_train_steps=max_train_steps, latents=models.latents,
                                           text=models.text, masked_loss=config.masked_loss,
@@ -578,7 +588,7 @@ class Validation:
         self.timesteps = validation_timesteps(options.noise.min_timestep, options.noise.max_timestep)
 
     def maybe(self, when: str, run: RunProgress, epoch: int) -> None:
-        if should_validate(when, global_step=run.global_step, epoch=epoch,
+        if self.held_out and should_validate(when, global_step=run.global_step, epoch=epoch,
                            every_n_steps=self.config.validate_every_n_steps if when == "step" else None,
                            every_n_epochs=self.config.validate_every_n_epochs if when == "epoch" else None):
             self.log.log(validation_logs(when, self.loss(), run.moving.average), run.global_step)
