@@ -14,10 +14,11 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - optimisation: any `--optimizer_type` and `--lr_scheduler`, gradient accumulation, clipping, max-norm
   regularisation, a real `--fused_backward_pass`.
 - precision: `--mixed_precision` through accelerate, with loss scaling under fp16 (`lorakit.train.grad_scaler`,
-  saved in states), `--full_bf16/--full_fp16`, fp8 base weights, gradient checkpointing, SDPA / xformers
+  saved in states; not with fused backward), `--full_bf16/--full_fp16`, fp8 base weights, gradient checkpointing, SDPA / xformers
   attention, `torch.compile`.
 - outputs: sd-scripts' file names, cadence and rotation, metadata, atomic writes; a NaN loss stops the run with the
-  batch's image paths and leaves saved files intact; free disk space is checked before each save.
+  batch's image paths and leaves saved files intact; free disk space is checked before each save
+  (`lorakit.train.saving`).
 - states: `--save_state` writes `lorakit.train.state` folders beside the LoRA files (`--save_state_on_train_end`,
   `--save_last_n_*_state` rotation); `--resume` continues at the exact batch, bit-identical to an uninterrupted run.
   Every random draw of a batch (captions, flips, crops, noise, timesteps) is seeded by its place in the run, so
@@ -32,7 +33,8 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
   (`lorakit.train.validation`).
 - processes: `accelerate launch` / torchrun data parallel (gloo on machines without CUDA); batches are sharded by
   rank, LoRA gradients averaged, weights checked identical across ranks at every save; saves and samples on the
-  main process.
+  main process (`lorakit.train.processes`). Runs with different `--mixed_precision` may follow each other in one
+  Python process.
 """
 
 from __future__ import annotations
