@@ -14,8 +14,8 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - optimisation: any `--optimizer_type` and `--lr_scheduler`, gradient accumulation, clipping, max-norm
   regularisation, a real `--fused_backward_pass`.
 - precision: `--mixed_precision` through accelerate, with loss scaling under fp16 (`lorakit.train.grad_scaler`,
-  saved in states; not with fused backward), `--full_bf16/--full_fp16`, fp8 base weights, gradient checkpointing, SDPA / xformers
-  attention, `torch.compile`.
+  saved in states; not with fused backward), `--full_bf16/--full_fp16`, fp8 base weights, gradient
+  checkpointing, SDPA / xformers attention, `torch.compile`.
 - outputs: sd-scripts' file names, cadence and rotation, metadata, atomic writes; a NaN loss stops the run with the
   batch's image paths and leaves saved files intact; free disk space is checked before each save
   (`lorakit.train.saving`).
