@@ -258,8 +258,3 @@ def _mask_or_ones(mask: Tensor | None, item: dict) -> Tensor:
     width, height = item["bucket"]
     return torch.ones(height, width)
 
-
-def collate_single(batches: list[TrainBatch]) -> TrainBatch:
-    """DataLoader collate for batch_size=1 over pre-built batches."""
-    return batches[0]
-
