@@ -124,14 +124,6 @@ def test_unknown_names_are_one_line_errors():
         O.build_optimizer("no_such_pkg.Opt", _groups(), 1e-3)
 
 
-def test_legacy_aliases():
-    assert O.resolve_optimizer_type("", use_8bit_adam=True) == "AdamW8bit"
-    assert O.resolve_optimizer_type(None, use_lion_optimizer=True) == "Lion"
-    assert O.resolve_optimizer_type("") == "AdamW"
-    with pytest.raises(LorakitError, match="--use_8bit_adam and --optimizer_type Lion"):
-        O.resolve_optimizer_type("Lion", use_8bit_adam=True)
-
-
 def test_adafactor_relative_step_rules(caplog):
     with caplog.at_level(logging.WARNING):
         built = O.build_optimizer("Adafactor", _groups(), 3e-4, lr_scheduler="cosine")

@@ -87,21 +87,6 @@ def parse_kwargs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return kwargs
 
 
-def resolve_optimizer_type(optimizer_type: str | None, use_8bit_adam: bool = False,
-                           use_lion_optimizer: bool = False) -> str:
-    """The legacy `--use_8bit_adam` / `--use_lion_optimizer` aliases; "" means AdamW."""
-    legacy = [name for name, on in (("--use_8bit_adam", use_8bit_adam), ("--use_lion_optimizer", use_lion_optimizer))
-              if on]
-    if len(legacy) > 1 or (legacy and optimizer_type):
-        given = legacy + ([f"--optimizer_type {optimizer_type}"] if optimizer_type else [])
-        raise LorakitError(f"{' and '.join(given)}: give only one way to choose the optimizer")
-    if use_8bit_adam:
-        return "AdamW8bit"
-    if use_lion_optimizer:
-        return "Lion"
-    return optimizer_type or "AdamW"
-
-
 def import_attribute(module_name: str, attribute: str, flag: str, value: str) -> Any:
     """`module.attribute`, with a one-line error naming the pip extra when an optional package is missing."""
     package = module_name.split(".")[0]
