@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.config import TrainConfig
+from lorakit.data.buckets import aspect_ratio_error
 from lorakit.data.dataset import TrainingData
 from lorakit.models.components import ModelIdentity
 from lorakit.network.io import build_modelspec
@@ -188,7 +189,7 @@ def _mean_ar_error(data: TrainingData, index: int) -> float:
     samples = data.samples[index]
     if not samples:
         return 0.0
-    errors = [abs(s.bucket[0] / s.bucket[1] - s.record.size[0] / s.record.size[1]) for s in samples]
+    errors = [abs(aspect_ratio_error(s.record.size, s.bucket)) for s in samples]
     return sum(errors) / len(errors)
 
 
