@@ -204,8 +204,9 @@ def use_channels_last(vae: AutoencoderKL) -> None:
 
 
 def encode_item(vae: AutoencoderKL, item: LatentItem) -> CachedLatents:
-    """One image encoded on its own (each view in a VAE call of its own): what training uses when latents are
-    not cached, bit-identical to a cache built with `vae_batch_size` 1."""
+    """One image encoded on its own (each view in a VAE call of its own), bit-identical to a cache built with
+    `vae_batch_size` 1: the reference the cache is checked against (training without a cache encodes its batches
+    with `encode_pixels` instead)."""
     pixels, mask, left_top = prepare_pixels(item)
     views = [(pixels, False), (pixels.flip(-1), True)] if item.flip_aug else [(pixels, False)]
     latents = [
