@@ -12,7 +12,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.train.interrupt import StopRequest
 
-logger = logging.getLogger("lorakit")
+logger = logging.getLogger(__name__)
 
 
 def average_gradients(params: list[torch.Tensor], num_processes: int) -> None:

@@ -14,7 +14,7 @@ from lorakit.errors import LorakitError
 from lorakit.train.logs import MovingAverage
 from lorakit.train.state import TrainState, set_rng_state
 
-logger = logging.getLogger("lorakit")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
