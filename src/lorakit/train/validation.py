@@ -14,11 +14,11 @@ import torch
 from lorakit.train.state import preserved_rng
 from lorakit.train.step import StepOptions
 
-NUM_TIMESTEPS = 6  # linspace(min_t, max_t, 6) without its ends: 4 timesteps (200, 400, 600, 800 by default)
+LINSPACE_POINTS = 6  # linspace(min_t, max_t, 6) without its ends: 4 timesteps (200, 400, 600, 800 by default)
 
 
 def validation_timesteps(min_timestep: int, max_timestep: int) -> list[int]:
-    points = torch.linspace(min_timestep, max_timestep, NUM_TIMESTEPS)[1:-1]
+    points = torch.linspace(min_timestep, max_timestep, LINSPACE_POINTS)[1:-1]
     return [int(t) for t in points.round().tolist()]
 
 
