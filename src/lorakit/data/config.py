@@ -25,6 +25,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union, 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
                       ValidationError)
 
+from lorakit.data.buckets import INTERPOLATIONS
 from lorakit.errors import LorakitError
 
 if sys.version_info >= (3, 11):
@@ -35,7 +36,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 logger = logging.getLogger(__name__)
 
 DatasetKind = Literal["dreambooth", "fine_tuning", "mask"]
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 SDXL_BUCKET_STEP = 32  # the SDXL U-Net halves the latent three times: bucket sides must divide by 8 * 4
 
 
