@@ -83,10 +83,13 @@ def test_sanitized_config_drops_paths_and_secrets() -> None:
         resolution: tuple = (1024, 1024)
         gradient_checkpointing: bool = True
         max_train_steps: int | None = None
+        max_token_length: int = 225
+        keep_tokens: int = 1
 
     clean = sanitized_config(Config())
     assert clean == {"network_dim": 32, "learning_rate": 1e-4, "output_name": "my_lora",
-                     "resolution": "(1024, 1024)", "gradient_checkpointing": True, "max_train_steps": None}
+                     "resolution": "(1024, 1024)", "gradient_checkpointing": True, "max_train_steps": None,
+                     "max_token_length": 225, "keep_tokens": 1}
 
 
 def test_tensorboard_event_file_has_the_keys(tmp_path) -> None:

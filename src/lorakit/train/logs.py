@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
+from lorakit.config import iter_flags
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
 
@@ -35,7 +36,7 @@ else:
 
 DEFAULT_TRACKER_NAME = "network_train"
 # Never logged with --log_config: secrets, and paths (they name the user's machine and files).
-SECRET_KEYS = frozenset({"wandb_api_key", "huggingface_token"})
+SECRET_KEYS = frozenset(flag.name for flag in iter_flags() if flag.secret)
 PATH_KEYS = frozenset({
     "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", "train_data_dir", "conditioning_data_dir",
     "reg_data_dir", "output_dir", "logging_dir", "dataset_config", "sample_prompts", "resume", "network_weights",
@@ -113,7 +114,7 @@ def sanitized_config(config: Any) -> dict[str, Any]:
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     clean = {}
     for key, value in values.items():
-        if key in SECRET_KEYS or key in PATH_KEYS or key.endswith(PATH_SUFFIXES) or "token" in key:
+        if key in SECRET_KEYS or key in PATH_KEYS or key.endswith(PATH_SUFFIXES):
             continue
         clean[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
     return clean
