@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_path
 
 
 def seed_command(model: Path, dataset: Path, output: Path, *, epochs: int, optimizer: str, precision: str) -> list[str]:
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None, prog: str = "lorakit demo") -> int:
         "curve": str(curve),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (output / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_path(output / "demo_summary.json") as temporary:
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nlorakit demo: trained {result.global_step} steps in {summary['seconds']} s")
     print(f"  LoRA:        {result.final_file}")
     print(f"  loss curve:  {curve}")
