@@ -582,11 +582,11 @@ def _problem(model: type[BaseModel], key: str, error: Mapping[str, Any]) -> str:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if error["type"] in bounds and key not in _EXPECTED:
         limit = next(iter(context.values()))
-        return f"must be {bounds[error['type']]} {limit}, found {found}{_range_hint(model, key)}"
+        return f"must be {bounds[error['type']]} {limit}, found {found}{_range_hint(key)}"
     return f"expected {_expected(model, key)}, found {found}"
 
 
-def _range_hint(model: type[BaseModel], key: str) -> str:
+def _range_hint(key: str) -> str:
     if "validation_split" == key:
         return " (a fraction of the images, e.g. 0.1)"
     if "rate" in key:
