@@ -50,7 +50,7 @@ def run_metadata(config: TrainConfig, facts: RunFacts, data: TrainingData, model
     if facts.network_args:  # sd-scripts writes it only when --network_args was given
         metadata["ss_network_args"] = json.dumps(facts.network_args)
     if not config.no_metadata:
-        metadata |= _training_metadata(config, facts, text_encoder_lr) | _dataset_metadata(config, data)
+        metadata |= _training_metadata(config, facts, text_encoder_lr) | _dataset_metadata(data)
         metadata |= _model_metadata("sd_model", model) | (_model_metadata("vae", vae) if vae else {})
     spec = build_modelspec(
         title=config.metadata_title or config.output_name, timestamp=facts.started_at,
@@ -130,7 +130,7 @@ def _training_metadata(config: TrainConfig, facts: RunFacts, text_encoder_lr: fl
     }
 
 
-def _dataset_metadata(config: TrainConfig, data: TrainingData) -> dict[str, object]:
+def _dataset_metadata(data: TrainingData) -> dict[str, object]:
     datasets = data.datasets
     train_images = sum(d.train_samples for d in datasets)
     reg_images = sum(d.reg_samples_before_balancing for d in datasets)
