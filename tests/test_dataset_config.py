@@ -207,6 +207,21 @@ def test_ints_accepted_where_numbers_are_expected(tmp_path):
     assert (subset.validation_split, dataset.network_multiplier, subset.token_warmup_step) == (0.0, 1.0, 2.0)
 
 
+def test_network_multiplier_other_than_1_warns_that_it_has_no_effect(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="lorakit"):
+        (dataset,) = _settings(tmp_path, """
+            [[datasets]]
+            resolution = 1024
+            network_multiplier = 0.5
+              [[datasets.subsets]]
+              image_dir = 'a'
+            """)
+    assert dataset.network_multiplier == 0.5
+    assert [r.getMessage() for r in caplog.records if "network_multiplier" in r.getMessage()] == [
+        f"{tmp_path / 'dataset.toml'}: datasets[0]: network_multiplier = 0.5 has no effect: the LoRA trains at "
+        "multiplier 1 (as in sd-scripts)"]
+
+
 def test_face_crop_aug_range_is_refused_with_its_reason(tmp_path):
     with pytest.raises(LorakitError, match=r"datasets\[0\]\.subsets\[0\]: not supported yet: face_crop_aug_range"):
         _settings(tmp_path, """

@@ -332,6 +332,10 @@ def _resolve_dataset(
         min_reso, max_reso = _bucket_range(where, resolution, min_reso, max_reso, steps)
     elif enable_bucket:
         logger.warning("%s: bucket_no_upscale: min_bucket_reso and max_bucket_reso are not used", where)
+    if value("network_multiplier") != 1:
+        # sd-scripts accepts it too and never applies it (reference §3.2); say so instead of training silently at 1.
+        logger.warning("%s: network_multiplier = %g has no effect: the LoRA trains at multiplier 1 (as in sd-scripts)",
+                       where, value("network_multiplier"))
 
     seed = command_line.get("seed")
     resolved: list[SubsetSettings] = []
