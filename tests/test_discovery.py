@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from lorakit.data.config import resolve_datasets
+from lorakit.data.dataset import TrainingData
 from lorakit.data.discovery import (
     balance_regularisation,
     caption_path,
@@ -24,6 +25,11 @@ from lorakit.data.discovery import (
 from lorakit.data.records import ImageRecord
 from lorakit.data.summary import dataset_summary
 from lorakit.errors import LorakitError
+
+
+def summary_of(dataset) -> str:
+    """The summary with the buckets training places the images in."""
+    return dataset_summary([dataset], [TrainingData([dataset], seed=0).bucket_counts(0)])
 
 
 def _images(folder: Path, names, size=(64, 48)) -> list[Path]:
@@ -80,7 +86,7 @@ def test_n_name_layout_gives_repeats_class_tokens_and_balanced_reg(tmp_path, mon
     assert dataset.reg_images == 45
     assert "'notes' ignored" in caplog.text and "5 of 45 regularisation images are not used" in caplog.text
     # No buckets: one 64x64 bucket of 80 samples -> ceil(80 / 4) = 20 batches.
-    assert "batches per epoch: 20" in dataset_summary([dataset])
+    assert "batches per epoch: 20" in summary_of(dataset)
 
 
 def test_images_directly_in_train_data_dir_explain_the_convention(tmp_path):
@@ -148,7 +154,7 @@ def test_reg_subset_balanced_to_training_samples(tmp_path):
         """)
     assert [r.num_repeats for r in dataset.train if r.is_reg] == [8, 8, 7, 7]
     # 30 + 30 samples in one bucket -> ceil(60 / 7) = 9 batches
-    assert "batches per epoch: 9" in dataset_summary([dataset])
+    assert "batches per epoch: 9" in summary_of(dataset)
 
 
 # ------------------------------------------------------------------------------------------- validation split
@@ -357,7 +363,7 @@ def test_summary_shows_settings_counts_buckets(tmp_path):
           [[datasets.subsets]]
           image_dir = '{tmp_path / "tall"}'
         """)
-    summary = dataset_summary([dataset])
+    summary = summary_of(dataset)
     # Area 512x512, sides 256..1024 step 64: the closest aspect ratio to 2:1 is 704x320 (2.2; 640x384 is 1.67),
     # to 1:2 it is 320x704. Batches never mix buckets: ceil(6 / 2) + ceil(1 / 2) = 4.
     assert "resolution 512x512, batch size 2, buckets 256..1024 step 64" in summary

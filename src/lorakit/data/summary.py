@@ -3,13 +3,12 @@ table and the batches per epoch (counted as sd-scripts does, §3.8)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import fields
 from typing import Mapping, Sequence
 
-from lorakit.data.buckets import batches_per_epoch, bucket_list, place_image
-from lorakit.data.config import DEFAULTS, DatasetSettings, SubsetSettings
-from lorakit.data.records import DatasetRecords, ImageRecord
+from lorakit.data.buckets import batches_per_epoch
+from lorakit.data.config import DEFAULTS, SubsetSettings
+from lorakit.data.records import DatasetRecords
 
 Size = tuple[int, int]
 
@@ -18,27 +17,12 @@ _ALWAYS = ("num_repeats", "caption_extension", "class_tokens")
 _IDENTITY = ("table", "kind", "image_dir", "metadata_file", "conditioning_data_dir", "is_reg")
 
 
-def bucket_counts(settings: DatasetSettings, records: Sequence[ImageRecord]) -> dict[Size, int]:
-    """Samples per bucket (repeats included) for `records` placed with the dataset's bucket settings."""
-    no_upscale = settings.enable_bucket and settings.bucket_no_upscale
-    buckets = None if no_upscale else bucket_list(
-        settings.resolution, settings.enable_bucket, settings.min_bucket_reso, settings.max_bucket_reso,
-        settings.bucket_reso_steps,
-    )
-    max_area = settings.resolution[0] * settings.resolution[1]
-    counts: Counter[Size] = Counter()
-    for record in records:
-        counts[place_image(record.size, buckets, max_area, settings.bucket_reso_steps).bucket] += record.num_repeats
-    return dict(sorted(counts.items()))
-
-
-def dataset_summary(datasets: Sequence[DatasetRecords], buckets: Sequence[Mapping[Size, int]] | None = None) -> str:
-    """A readable, multi-line summary. `buckets` (samples per bucket, one mapping per dataset) overrides the
-    placement computed here, for a caller that already bucketed the records."""
+def dataset_summary(datasets: Sequence[DatasetRecords], buckets: Sequence[Mapping[Size, int]]) -> str:
+    """A readable, multi-line summary. `buckets`: samples per bucket, one mapping per dataset, as training placed
+    them (`TrainingData.bucket_counts`)."""
     lines = []
     total_batches = 0
-    for number, dataset in enumerate(datasets):
-        counts = buckets[number] if buckets is not None else bucket_counts(dataset.settings, dataset.train)
+    for dataset, counts in zip(datasets, buckets, strict=True):
         batches = batches_per_epoch(counts, dataset.settings.batch_size)
         total_batches += batches
         lines += _dataset_lines(dataset, counts, batches)
@@ -70,7 +54,7 @@ def _dataset_lines(dataset: DatasetRecords, counts: Mapping[Size, int], batches:
         f"{dataset.reg_samples} regularisation samples ({sum(1 for r in dataset.train if r.is_reg)} of "
         f"{dataset.reg_images} images used), {len(dataset.validation)} validation images"
     )
-    table = ", ".join(f"{w}x{h}: {count}" for (w, h), count in counts.items())
+    table = ", ".join(f"{w}x{h}: {count}" for (w, h), count in sorted(counts.items()))
     lines.append(f"  buckets ({len(counts)}): {table}")
     lines.append(f"  batches per epoch: {batches}")
     return lines
