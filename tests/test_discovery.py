@@ -28,8 +28,10 @@ from lorakit.errors import LorakitError
 
 
 def summary_of(dataset) -> str:
-    """The summary with the buckets training places the images in."""
-    return dataset_summary([dataset], [TrainingData([dataset], seed=0).bucket_counts(0)])
+    """The summary with the buckets training places the images in (and the batch count training steps by)."""
+    data = TrainingData([dataset], seed=0)
+    assert len(data) == len(data.epoch_batches(1)) == len(data.epoch_batches(2))
+    return dataset_summary([dataset], [data.bucket_counts(0)])
 
 
 def _images(folder: Path, names, size=(64, 48)) -> list[Path]:

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lorakit.data.buckets import Size, bucket_list, crop_condition, crop_offsets, interpolation_for, make_batches
-from lorakit.data.buckets import place_image
+from lorakit.data.buckets import Size, batches_per_epoch, bucket_list, crop_condition, crop_offsets, interpolation_for
+from lorakit.data.buckets import make_batches, place_image
 from lorakit.data.captions import CaptionOptions, process_caption
 from lorakit.data.images import load_image, load_mask
 from lorakit.data.latent_cache import CachedLatents, LatentItem
@@ -116,7 +116,9 @@ class TrainingData:
         return batches
 
     def __len__(self) -> int:
-        return len(self.epoch_batches(1))
+        """Batches per epoch, counted without building them (every epoch has as many)."""
+        return sum(batches_per_epoch(self.bucket_counts(i), dataset.settings.batch_size)
+                   for i, dataset in enumerate(self.datasets))
 
     def all_samples(self) -> list[Sample]:
         return [sample for samples in self.samples for sample in samples]
