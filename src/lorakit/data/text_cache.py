@@ -120,7 +120,6 @@ def write_cached_text(path: Path, entry: CachedText, metadata: dict[str, str]) -
         )
 
 
-@torch.no_grad()
 def encode_captions(
     captions: Sequence[str],
     tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
@@ -128,7 +127,8 @@ def encode_captions(
     max_token_length: int | None,
     weighted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> (context [B, L, w1 + w2], pooled [B, P]) on the CPU, weighted per token when asked."""
+    """Captions -> (context [B, L, w1 + w2], pooled [B, P]) on the encoders' device, weighted per token when asked;
+    the cache and training's live text conditioning both encode through here."""
     if weighted:
         (tokens1, weights1), (tokens2, weights2) = (
             weighted_tokens(tokenizer, captions, max_token_length) for tokenizer in tokenizers
@@ -136,8 +136,7 @@ def encode_captions(
     else:
         tokens1, tokens2 = (tokenize(tokenizer, captions, max_token_length) for tokenizer in tokenizers)
         weights1 = weights2 = None
-    context, pooled = encode_tokens(*encoders, tokens1, tokens2, weights1, weights2)
-    return context.cpu(), pooled.cpu()
+    return encode_tokens(*encoders, tokens1, tokens2, weights1, weights2)
 
 
 class TextCache:
@@ -202,7 +201,9 @@ def cache_text_encoder_outputs(
     with bar:
         for start in range(0, len(captions), batch_size):
             batch = captions[start : start + batch_size]
-            context, pooled = encode_captions(batch, tokenizers, encoders, max_token_length, weighted)
+            with torch.no_grad():
+                context, pooled = encode_captions(batch, tokenizers, encoders, max_token_length, weighted)
+            context, pooled = context.cpu(), pooled.cpu()
             for row, caption in enumerate(batch):
                 entry = CachedText(context[row].clone(), pooled[row].clone())
                 if not (torch.isfinite(entry.context).all() and torch.isfinite(entry.pooled).all()):

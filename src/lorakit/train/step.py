@@ -12,8 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lorakit.data.weighted_captions import weighted_tokens
-from lorakit.models.text_encoding import encode_tokens, tokenize
+from lorakit.data.text_cache import encode_captions
 from lorakit.train.loss import LossOptions, training_loss
 from lorakit.train.noise import NoiseOptions, NoiseSchedule, noisy_batch, v_target
 
@@ -30,14 +29,9 @@ class TextEncoding:
     weighted_captions: bool = False
 
     def __call__(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(context [B, L, 2048], pooled [B, 1280]) of the captions."""
-        if not self.weighted_captions:
-            tokens1 = tokenize(self.tokenizer1, captions, self.max_token_length)
-            tokens2 = tokenize(self.tokenizer2, captions, self.max_token_length)
-            return encode_tokens(self.text_encoder1, self.text_encoder2, tokens1, tokens2)
-        tokens1, weights1 = weighted_tokens(self.tokenizer1, captions, self.max_token_length)
-        tokens2, weights2 = weighted_tokens(self.tokenizer2, captions, self.max_token_length)
-        return encode_tokens(self.text_encoder1, self.text_encoder2, tokens1, tokens2, weights1, weights2)
+        """(context [B, L, 2048], pooled [B, 1280]) of the captions, as the text cache encodes them."""
+        return encode_captions(captions, (self.tokenizer1, self.tokenizer2), (self.text_encoder1, self.text_encoder2),
+                               self.max_token_length, self.weighted_captions)
 
 
 @dataclass(frozen=True)
