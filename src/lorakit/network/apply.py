@@ -79,14 +79,19 @@ def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float) -> 
     return network
 
 
+def _applied(target: Any) -> dict[str, LoRANetwork]:
+    """The files applied to `target` so far (resolved path -> network), kept on its first model."""
+    anchor = next(m for m in sdxl_models(target) if m is not None)
+    return anchor.__dict__.setdefault(_REGISTRY, {})
+
+
 def apply_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> LoRANetwork:
     """Apply an sd-scripts-format LoRA file to SDXL models for inference (hooks; base weights untouched).
 
     Applying the same file again replaces the earlier application (e.g. with a new multiplier); different files
     stack. Returns the network: `set_multiplier` changes its strength, `detach()` removes it.
     """
-    anchor = next(m for m in sdxl_models(target) if m is not None)
-    applied: dict[str, LoRANetwork] = anchor.__dict__.setdefault(_REGISTRY, {})
+    applied = _applied(target)
     key = str(Path(path).resolve())
     if key in applied:
         applied.pop(key).detach()
@@ -98,8 +103,7 @@ def apply_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) ->
 
 def remove_lora(target: Any, path: str | os.PathLike | None = None) -> None:
     """Remove one applied LoRA file (or all when `path` is None)."""
-    anchor = next(m for m in sdxl_models(target) if m is not None)
-    applied: dict[str, LoRANetwork] = anchor.__dict__.setdefault(_REGISTRY, {})
+    applied = _applied(target)
     keys = list(applied) if path is None else [str(Path(path).resolve())]
     for key in keys:
         if key in applied:
