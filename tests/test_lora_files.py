@@ -291,3 +291,11 @@ def test_inspect_reports_counts_for_lora_files_and_checkpoints(tiny, trained, tm
     assert summary["kind"] == "checkpoint" and summary["architecture"] == "SDXL"
     assert summary["unet"]["block_out_channels"] == [32, 64, 128]
     assert lorakit_main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    ckpt = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": network.state_dict()}, ckpt)
+    assert lorakit_main(["inspect", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"] == parts
+    pickled = tmp_path / "object.pt"
+    torch.save({"path": Path("not a tensor")}, pickled)
+    assert lorakit_main(["inspect", str(pickled)]) == 2
+    assert "refusing to unpickle it" in capsys.readouterr().err

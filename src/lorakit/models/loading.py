@@ -140,7 +140,7 @@ class CheckpointFile:
 
     def __enter__(self) -> tuple[dict[str, tuple[int, ...]], Reader]:
         if self.source.lower().endswith(PICKLE_SUFFIXES):
-            self._state = _torch_load(self.source)
+            self._state = load_torch_tensors(self.source)
             shapes = {key: tuple(tensor.shape) for key, tensor in self._state.items()}
             return shapes, lambda key, dtype: _cast(self._state[key], dtype, copy=True)
         self._file = _safe_open(self.source)
@@ -186,8 +186,9 @@ def _safe_open(source: str):
     return handle
 
 
-def _torch_load(source: str) -> dict[str, torch.Tensor]:
-    """`torch.load` with weights_only=True (never arbitrary pickles), memory-mapped when the format allows."""
+def load_torch_tensors(source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a `.ckpt`/`.pt`/`.bin` (a state dict, or one under "state_dict"): `torch.load` with
+    weights_only=True (never arbitrary pickles), memory-mapped when the format allows."""
     try:
         try:
             loaded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)

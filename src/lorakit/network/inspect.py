@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
-import torch
 from safetensors import safe_open
 
 from lorakit.errors import LorakitError
@@ -123,13 +122,9 @@ def _read_header(path: Path) -> tuple[dict, dict, dict, dict]:
                 return shapes, dtypes, dict(f.metadata() or {}), alphas
         except Exception as error:
             raise LorakitError(f"{path}: not a readable safetensors file ({error})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise LorakitError(f"{path}: cannot read it as a tensor file ({type(error).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    from lorakit.models.loading import load_torch_tensors
+
+    tensors = load_torch_tensors(str(path))
     shapes = {key: tuple(value.shape) for key, value in tensors.items()}
     dtypes = {key: str(value.dtype).removeprefix("torch.") for key, value in tensors.items()}
     return shapes, dtypes, {}, {key: float(value) for key, value in tensors.items() if key.endswith(".alpha")}
