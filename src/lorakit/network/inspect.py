@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -75,7 +76,7 @@ def summarize_checkpoint(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[
 
     kind = checkpoint_kind(shapes)
     summary = {"kind": "checkpoint", "architecture": kind.name, "evidence": kind.evidence, "tensors": len(shapes),
-               "parameters": sum(_numel(shape) for shape in shapes.values()),
+               "parameters": sum(math.prod(shape) for shape in shapes.values()),
                "dtypes": dict(sorted(Counter(dtypes.values()).items()))}
     if kind.is_sdxl:
         from lorakit.models.unet import SGM_PREFIX, unet_config_from_sgm
@@ -85,7 +86,7 @@ def summarize_checkpoint(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[
         summary["unet"] = {"block_out_channels": list(config["block_out_channels"]),
                            "transformer_layers_per_block": list(config["transformer_layers_per_block"]),
                            "cross_attention_dim": config["cross_attention_dim"],
-                           "parameters": sum(_numel(shape) for shape in unet.values())}
+                           "parameters": sum(math.prod(shape) for shape in unet.values())}
     return summary
 
 
@@ -128,13 +129,6 @@ def _read_header(path: Path) -> tuple[dict, dict, dict, dict]:
     shapes = {key: tuple(value.shape) for key, value in tensors.items()}
     dtypes = {key: str(value.dtype).removeprefix("torch.") for key, value in tensors.items()}
     return shapes, dtypes, {}, {key: float(value) for key, value in tensors.items() if key.endswith(".alpha")}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _number(value: float) -> str:
