@@ -149,18 +149,15 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"{path}: LoRA file not found")
+    if path.suffix != ".safetensors":
+        from lorakit.models.loading import load_torch_tensors
+
+        return load_torch_tensors(str(path)), {}
     try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
     except Exception as error:  # a truncated or foreign file: one line, not a traceback
         raise LorakitError(f"{path}: cannot read as a LoRA file ({type(error).__name__}: {error})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise LorakitError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return state, {}
 
 
 def file_ranks(state: Mapping[str, Tensor]) -> dict[str, tuple[int, float]]:
