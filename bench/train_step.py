@@ -145,7 +145,6 @@ def run_child(spec: dict) -> None:
 
     import lorakit.train.trainer as trainer
     from lorakit.train.cli import main as train_main
-    from lorakit.train.fused import fuse_backward
 
     started = time.perf_counter()
     starts: list[float] = []
@@ -161,7 +160,7 @@ def run_child(spec: dict) -> None:
         if not starts:
             sampler.mark_steps()
             if spec["fused"]:
-                fused["state"] = _ensure_fused(built_optimizers[-1], fuse_backward)
+                fused["state"] = _fused_hooks(built_optimizers[-1])
         if profiler is not None and len(starts) == 1:
             profiler.start()
         if profiler is not None and len(starts) == 2:
@@ -204,14 +203,10 @@ def run_child(spec: dict) -> None:
     print(json.dumps(result))
 
 
-def _ensure_fused(built, fuse_backward) -> str:
-    """'trainer' when the trainer installed per-parameter hooks; otherwise install them here (the loop's own
-    optimizer.step() then finds no gradients left) and say so."""
+def _fused_hooks(built) -> str:
+    """Whether every trained parameter carries the per-parameter step hook of `--fused_backward_pass`."""
     params = [p for group in built.optimizer.param_groups for p in group["params"]]
-    if all(p._post_accumulate_grad_hooks for p in params):
-        return "trainer"
-    fuse_backward(built.optimizer, built.make)
-    return "bench (trainer not wired)"
+    return "trainer" if all(p._post_accumulate_grad_hooks for p in params) else "MISSING"
 
 
 class MemorySampler:
