@@ -200,3 +200,25 @@ def test_one_image_in_two_buckets_is_looked_up_by_item(vae, tmp_path):
         with pytest.raises(KeyError, match="2 buckets"):
             cache[image]
     assert cache_latents([small], vae, vae_identity="tiny-0", progress=False)[image].bucket == (64, 64)
+
+
+def test_an_image_in_two_datasets_trains_with_the_latents_of_each_datasets_bucket(vae, tmp_path):
+    from lorakit.data.dataset import BatchLoader, TrainingData
+    from lorakit.data.discovery import load_datasets
+    from lorakit.testing.datasets import write_image_folder
+
+    write_image_folder(tmp_path / "img", 2, ((96, 96), (128, 80)))
+    folder = (tmp_path / "img").as_posix()
+    dataset = "\n".join(f"[[datasets]]\nresolution = {resolution}\nenable_bucket = true\nmin_bucket_reso = 64\n"
+                        f"max_bucket_reso = 192\nbucket_reso_steps = 32\n  [[datasets.subsets]]\n"
+                        f"  image_dir = '{folder}'\n  caption_extension = '.txt'\n" for resolution in (64, 128))
+    (tmp_path / "dataset.toml").write_text(dataset)
+    data = TrainingData(load_datasets({"dataset_config": str(tmp_path / "dataset.toml")}), seed=0)
+    cache = cache_latents([s.latent_item() for s in data.all_samples()], vae, vae_identity="tiny-0", progress=False)
+    batches = data.epoch_batches(1)
+    loader = BatchLoader(batches, seed=0, epoch=1, step_of_batch=lambda i: i, max_train_steps=4, latents=cache)
+    assert len(loader) == 4  # two images, each in a small and a large bucket
+    for index, batch in enumerate(batches):
+        (sample,) = batch
+        width, height = sample.bucket
+        assert loader[index].latents.shape == (1, 4, height // 8, width // 8)

@@ -176,7 +176,7 @@ class BatchLoader(torch.utils.data.Dataset):
         epoch: int,
         step_of_batch: Callable[[int], int],
         max_train_steps: int,
-        latents: Mapping[Path, CachedLatents] | None = None,
+        latents: Mapping[LatentItem, CachedLatents] | None = None,
         text: Mapping[Path, CachedText] | None = None,
         masked_loss: bool = False,
         first_batch: int = 0,
@@ -223,7 +223,8 @@ class BatchLoader(torch.utils.data.Dataset):
         flip = record.subset.flip_aug and rng.random() < 0.5
         item: dict = {"caption": caption, "mask": None}
         if self.latents is not None:
-            cached = self.latents[record.path]
+            # By item, not path: an image in two datasets (two resolutions) has a cached latent in each bucket.
+            cached = self.latents[sample.latent_item()]
             latents = cached.latents_flipped if flip else cached.latents
             left_top, resized = cached.crop_left_top, cached.resized_size
             item["latents"] = latents.float()
