@@ -179,7 +179,6 @@ class BatchLoader(torch.utils.data.Dataset):
         latents: Mapping[LatentItem, CachedLatents] | None = None,
         text: Mapping[Path, CachedText] | None = None,
         masked_loss: bool = False,
-        first_batch: int = 0,
     ):
         self.batches = batches
         self.seed = seed
@@ -189,13 +188,11 @@ class BatchLoader(torch.utils.data.Dataset):
         self.latents = latents
         self.text = text
         self.masked_loss = masked_loss
-        self.first_batch = first_batch
 
     def __len__(self) -> int:
-        return len(self.batches) - self.first_batch
+        return len(self.batches)
 
-    def __getitem__(self, index: int) -> TrainBatch:
-        batch_index = index + self.first_batch
+    def __getitem__(self, batch_index: int) -> TrainBatch:
         batch = self.batches[batch_index]
         items = [self._item(sample, item_rng(self.seed, self.epoch, batch_index, position),
                             self.step_of_batch(batch_index))
