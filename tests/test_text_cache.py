@@ -142,3 +142,30 @@ def test_wildcards_with_several_choices_are_refused_naming_the_image():
         check_text_caching_allowed(
             "datasets[0].subsets[0]", options, {Path("a.png"): "a {red} car", Path("b.png"): "a {red|blue} car"}
         )
+
+
+def test_an_image_with_two_captions_trains_with_the_outputs_of_each(models, tmp_path):
+    from lorakit.data.dataset import BatchLoader, TrainingData, caption_options
+    from lorakit.data.discovery import load_datasets
+    from lorakit.testing.datasets import write_image_folder
+
+    write_image_folder(tmp_path / "img", 2, ((64, 64),))
+    folder = (tmp_path / "img").as_posix()
+    (tmp_path / "dataset.toml").write_text("\n".join(
+        f"[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = '{folder}'\n"
+        f"  caption_extension = '.txt'\n  caption_prefix = '{prefix}'\n" for prefix in ("first", "second")))
+    data = TrainingData(load_datasets({"dataset_config": str(tmp_path / "dataset.toml")}), seed=0)
+    items = [TextItem(s.record.path, cached_caption(s.record.caption, caption_options(s.record)))
+             for s in data.all_samples()]
+    cache = _cache(models, items)
+    batches = data.epoch_batches(1)
+    loader = BatchLoader(batches, seed=0, epoch=1, step_of_batch=lambda i: 0, max_train_steps=4, text=cache)
+    assert len(batches) == 4
+    for index in range(len(batches)):
+        batch = loader[index]
+        assert batch.captions[0].split()[0] in ("first", "second")
+        context, pooled = _reference(models, batch.captions)
+        torch.testing.assert_close(batch.text[0], context, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch.text[1], pooled, rtol=0, atol=1e-5)
+    with pytest.raises(LorakitError, match="two subsets give it different captions .* keeps one file per image"):
+        _cache(models, items, to_disk=True)

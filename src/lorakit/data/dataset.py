@@ -26,7 +26,7 @@ from lorakit.data.captions import CaptionOptions, process_caption
 from lorakit.data.images import load_image, load_mask
 from lorakit.data.latent_cache import CachedLatents, LatentItem
 from lorakit.data.records import DatasetRecords, ImageRecord
-from lorakit.data.text_cache import CachedText
+from lorakit.data.text_cache import CachedText, TextItem
 from lorakit.data.transforms import image_tensor, mask_tensor
 
 # sd-scripts' colour augmentation: a third of the draws change colour, half of those by a hue shift of up to
@@ -177,7 +177,7 @@ class BatchLoader(torch.utils.data.Dataset):
         step_of_batch: Callable[[int], int],
         max_train_steps: int,
         latents: Mapping[LatentItem, CachedLatents] | None = None,
-        text: Mapping[Path, CachedText] | None = None,
+        text: Mapping[TextItem, CachedText] | None = None,
         masked_loss: bool = False,
     ):
         self.batches = batches
@@ -210,7 +210,8 @@ class BatchLoader(torch.utils.data.Dataset):
             pixels=torch.stack([item["pixels"] for item in items]) if self.latents is None else None,
             masks=torch.stack([_mask_or_ones(m, item) for m, item in zip(masks, items)])[:, None]
             if any_mask else None,
-            text=None if self.text is None else _stacked_text([self.text[sample.record.path] for sample in batch]),
+            text=None if self.text is None else _stacked_text(
+                [self.text[TextItem(sample.record.path, item["caption"])] for sample, item in zip(batch, items)]),
         )
 
     def _item(self, sample: Sample, rng: random.Random, step: int) -> dict:

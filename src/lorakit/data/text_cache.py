@@ -140,11 +140,13 @@ def encode_captions(
 
 
 class TextCache:
-    """Cached text-encoder outputs by image path: held in memory (one copy per distinct caption), or read from
-    their files on each access."""
+    """Cached text-encoder outputs by `TextItem` (or by image path when the image has one caption): held in memory
+    (one copy per distinct caption), or read from their files on each access."""
 
     def __init__(self, items: Sequence[TextItem], by_caption: dict[str, CachedText], to_disk: bool, length: int):
-        self._captions = {item.image_path: item.caption for item in items}
+        self._captions: dict[Path, set[str]] = {}
+        for item in items:
+            self._captions.setdefault(item.image_path, set()).add(item.caption)
         self._by_caption = by_caption
         self.to_disk = to_disk
         self._length = length
@@ -152,17 +154,39 @@ class TextCache:
     def __len__(self) -> int:
         return len(self._captions)
 
-    def __contains__(self, image_path: object) -> bool:
-        return image_path in self._captions
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, TextItem):
+            return key.caption in self._captions.get(key.image_path, ())
+        return key in self._captions
 
-    def __getitem__(self, image_path: Path) -> CachedText:
+    def __getitem__(self, key: Path | TextItem) -> CachedText:
+        item = key if isinstance(key, TextItem) else self._item_of(key)
         if not self.to_disk:
-            return self._by_caption[self._captions[image_path]]
-        path = text_cache_path(image_path)
+            return self._by_caption[item.caption]
+        path = text_cache_path(item.image_path)
         entry = read_cached_text(path, None, self._length)
         if entry is None:
             raise LorakitError(f"{path}: text-encoder cache file vanished or changed during training; rerun to recache")
         return entry
+
+    def _item_of(self, image_path: Path) -> TextItem:
+        captions = self._captions[image_path]
+        if len(captions) > 1:
+            raise KeyError(f"{image_path} has {len(captions)} cached captions; look it up by its TextItem")
+        return TextItem(image_path, next(iter(captions)))
+
+
+def _check_one_caption_per_file(items: Sequence[TextItem]) -> None:
+    """A disk cache keeps one file per image, so an image may not train with two different captions."""
+    first: dict[Path, str] = {}
+    for item in items:
+        caption = first.setdefault(item.image_path, item.caption)
+        if caption != item.caption:
+            raise LorakitError(
+                f"{item.image_path}: two subsets give it different captions ({caption!r} and {item.caption!r}), but"
+                " --cache_text_encoder_outputs_to_disk keeps one file per image; give the subsets the same caption"
+                " settings or cache in memory (--cache_text_encoder_outputs)"
+            )
 
 
 def cache_text_encoder_outputs(
@@ -183,6 +207,8 @@ def cache_text_encoder_outputs(
     `skip_check` (--skip_cache_check) uses any existing file that reads back with the right length, without
     comparing its fingerprint."""
     length = sequence_length(max_token_length)
+    if to_disk:
+        _check_one_caption_per_file(items)
 
     settings = settings_fingerprint(tokenizers, encoders, encoders_identity, max_token_length, weighted)
 
