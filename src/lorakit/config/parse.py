@@ -236,8 +236,8 @@ def normalise(config: TrainConfig) -> TrainConfig:
                     "text encoders get no LoRA and their learning rates are unused (add --network_train_unet_only "
                     "to say so)")
     if config.clip_skip is not None:
-        log.warning("--clip_skip %s does not change SDXL training (it always uses the penultimate layer); it is "
-                    "stored in the metadata and used for sample images only", config.clip_skip)
+        log.warning("--clip_skip %s does not change SDXL training or sample images (both use the penultimate "
+                    "layer); it is only stored in the metadata", config.clip_skip)
     if config.zero_terminal_snr and not config.v_parameterization:
         log.warning("--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict pure "
                     "noise at the last timestep; results may be poor")

@@ -203,8 +203,8 @@ class TrainConfig:
     persistent_data_loader_workers: bool = TRAINING.switch("keep data-loader workers between epochs")
     max_token_length: int | None = TRAINING.flag(None, int, "caption length in tokens (75 when not given)",
                                                  choices=(150, 225))
-    clip_skip: int | None = TRAINING.flag(None, int, "ignored by SDXL training; stored in metadata and used "
-                                          "for samples")
+    clip_skip: int | None = TRAINING.flag(None, int, "ignored by SDXL training and sample images; stored in "
+                                          "metadata")
     weighted_captions: bool = TRAINING.switch("(tag:1.2) caption weights")
     noise_offset: float | None = TRAINING.flag(None, float, "offset noise strength (about 0.0357 for SDXL)")
     noise_offset_random_strength: bool = TRAINING.switch("scale the noise offset by U(0,1) each step")
