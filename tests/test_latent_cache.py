@@ -222,3 +222,13 @@ def test_an_image_in_two_datasets_trains_with_the_latents_of_each_datasets_bucke
         (sample,) = batch
         width, height = sample.bucket
         assert loader[index].latents.shape == (1, 4, height // 8, width // 8)
+
+
+def test_disk_cache_refuses_an_image_encoded_two_ways_in_one_bucket(vae, images):
+    plain, flipped = _item(images[0]), _item(images[0], flip=True)
+    in_memory = cache_latents([plain, flipped], vae, vae_identity="tiny-0", progress=False)
+    assert in_memory[plain].latents_flipped is None and in_memory[flipped].latents_flipped is not None
+    with pytest.raises(LorakitError, match=rf"{images[0].name}: two subsets put it in bucket \d+x\d+ with different "
+                                           "flip_aug, but --cache_latents_to_disk keeps one file per image and bucket"):
+        cache_latents([plain, flipped], vae, vae_identity="tiny-0", to_disk=True, progress=False)
+    assert not latent_cache_path(images[0], plain.bucket).exists()  # refused before encoding anything

@@ -268,6 +268,21 @@ class LatentCache:
         return next(iter(items))
 
 
+def _check_one_item_per_file(items: Sequence[LatentItem]) -> None:
+    """A disk cache keeps one file per image and bucket, so an image may not be encoded two ways in one bucket."""
+    first: dict[Path, LatentItem] = {}
+    for item in items:
+        other = first.setdefault(latent_cache_path(item.image_path, item.bucket), item)
+        if other != item:
+            differ = [name for name in ("interpolation", "flip_aug", "alpha_mask")
+                      if getattr(other, name) != getattr(item, name)]
+            raise LorakitError(
+                f"{item.image_path}: two subsets put it in bucket {_size_text(item.bucket)} with different"
+                f" {', '.join(differ)}, but --cache_latents_to_disk keeps one file per image and bucket; give the"
+                " subsets the same settings or cache in memory (--cache_latents)"
+            )
+
+
 def cache_latents(
     items: Sequence[LatentItem],
     vae: AutoencoderKL,
@@ -284,6 +299,8 @@ def cache_latents(
     `skip_check` (--skip_cache_check) uses any existing file that reads back with the bucket's shapes, without
     comparing its fingerprint (for caches made elsewhere, at the user's risk)."""
     items = list(dict.fromkeys(items))  # an image repeated (num_repeats, several subsets) is encoded once
+    if to_disk:
+        _check_one_item_per_file(items)
     entries: dict[LatentItem, CachedLatents] = {}
     todo: list[LatentItem] = []
     for item in items:
