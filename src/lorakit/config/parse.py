@@ -235,6 +235,8 @@ def normalise(config: TrainConfig) -> TrainConfig:
         log.warning("training the U-Net only: --cache_text_encoder_outputs fixes the text-encoder outputs, so the "
                     "text encoders get no LoRA and their learning rates are unused (add --network_train_unet_only "
                     "to say so)")
+    if config.mem_eff_attn:
+        log.info("--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention (memory-efficient kernels)")
     if config.clip_skip is not None:
         log.warning("--clip_skip %s does not change SDXL training or sample images (both use the penultimate "
                     "layer); it is only stored in the metadata", config.clip_skip)

@@ -50,13 +50,14 @@ class SDXLComponents:
     """SDXL as diffusers and transformers modules.
 
     text_encoder1 is CLIP ViT-L/14 (`CLIPTextModel`), text_encoder2 OpenCLIP ViT-bigG/14 converted to
-    `CLIPTextModelWithProjection`. `vae_identity` is set when the VAE came from a separate `--vae`.
+    `CLIPTextModelWithProjection`. `vae_identity` is set when the VAE came from a separate `--vae`. A network is
+    None when it was not loaded (`load_sdxl(skip=...)`) or has been released.
     """
 
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder1: torch.nn.Module
-    text_encoder2: torch.nn.Module
+    unet: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    text_encoder1: torch.nn.Module | None
+    text_encoder2: torch.nn.Module | None
     tokenizer1: CLIPTokenizer
     tokenizer2: CLIPTokenizer
     identity: ModelIdentity

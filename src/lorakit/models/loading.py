@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 from accelerate import init_empty_weights
@@ -30,19 +30,19 @@ Reader = Callable[[str, torch.dtype], torch.Tensor]
 
 
 def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", tokenizer_cache_dir: str | os.PathLike | None = None
-              ) -> SDXLComponents:
+              device: str | torch.device = "cpu", tokenizer_cache_dir: str | os.PathLike | None = None,
+              skip: Collection[str] = ()) -> SDXLComponents:
     """Load SDXL base (U-Net, VAE, both text encoders) in `dtype`, with offline tokenizers.
 
     `path`: an SGM single-file checkpoint, a diffusers folder (with model_index.json) or a hub id (`org/name`, from
     the hub or its local cache). `vae`: a replacement VAE — a diffusers folder, a VAE-only single file, or a full
-    checkpoint whose VAE is taken.
+    checkpoint whose VAE is taken. `skip`: networks not to load now (their slots stay None), e.g. `{"unet"}`.
     """
     source = os.fspath(path)
     if vae is not None and not os.path.exists(vae):  # before minutes of loading the main model
         raise LorakitError(f"--vae {os.fspath(vae)}: no such file or folder; expected a VAE .safetensors file or a "
                            "diffusers VAE folder")
-    networks = [n for n in sdxl_networks() if vae is None or n.attribute != "vae"]
+    networks = [n for n in sdxl_networks() if n.attribute not in skip and (vae is None or n.attribute != "vae")]
     if os.path.isdir(source):
         modules = _load_diffusers(source, networks, dtype, local_only=True)
     elif os.path.isfile(source):
@@ -53,11 +53,12 @@ def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, 
         raise LorakitError(f"{source}: no such file or folder; expected an SDXL checkpoint (.safetensors or .ckpt), "
                            "a diffusers folder or a hub id like stabilityai/stable-diffusion-xl-base-1.0")
     vae_identity = None
-    if vae is not None:
+    if vae is not None and "vae" not in skip:
         modules["vae"] = load_vae(vae, dtype)
         vae_identity = ModelIdentity.of(vae)
     tokenizer1, tokenizer2 = cached_tokenizers(tokenizer_cache_dir) if tokenizer_cache_dir else load_tokenizers()
-    return SDXLComponents(**{name: module.to(device).eval() for name, module in modules.items()},
+    loaded = {name: module.to(device).eval() for name, module in modules.items()}
+    return SDXLComponents(**({n.attribute: None for n in sdxl_networks()} | loaded),
                           tokenizer1=tokenizer1, tokenizer2=tokenizer2,
                           identity=ModelIdentity.of(source), vae_identity=vae_identity)
 

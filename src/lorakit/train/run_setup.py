@@ -3,6 +3,8 @@ plug-in's) with its weights and groups, and the `--dry_run` memory estimate."""
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import math
 import os
@@ -52,18 +54,23 @@ def forget_other_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def configure_attention(config: TrainConfig, unet, vae) -> None:
-    """SDPA is diffusers' default; xformers when asked and installed; --mem_eff_attn maps to SDPA."""
+def configure_attention(config: TrainConfig, *models) -> None:
+    """SDPA is diffusers' default (--sdpa, and --mem_eff_attn maps to it); xformers when asked and installed."""
     if config.xformers:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("xformers") is None:
             raise LorakitError("--xformers: the xformers package is not installed; drop the flag (lorakit uses "
-                               "torch SDPA by default) or pip install xformers") from None
-        unet.enable_xformers_memory_efficient_attention()
-        vae.enable_xformers_memory_efficient_attention()
-    elif config.mem_eff_attn:
-        logger.info("--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention (memory-efficient kernels)")
+                               "torch SDPA by default) or pip install xformers")
+        for model in models:
+            model.enable_xformers_memory_efficient_attention()
+
+
+def release_freed_memory() -> None:
+    """Hand the memory of released models back to the OS: glibc keeps freed heap pages, and the training steps'
+    allocations would then come on top of them in RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to hand back this way
+        pass
 
 
 def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: torch.dtype) -> None:
