@@ -170,7 +170,8 @@ def run_child(spec: dict) -> None:
 
     def loading_with_hook(*args, **kwargs):
         components = load_sdxl(*args, **kwargs)
-        components.unet.register_forward_pre_hook(on_step_start)
+        if components.unet is not None:  # with both caches the trainer loads the U-Net in a second call
+            components.unet.register_forward_pre_hook(on_step_start)
         return components
 
     def remembering_optimizer(*args, **kwargs):

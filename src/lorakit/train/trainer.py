@@ -430,6 +430,7 @@ def cache_and_release(models: Models, config: TrainConfig, samples: list[Sample]
             models.vae = components.vae = None
     if models.text is not None:
         models.text_encoders = [None, None]
+        models.encode_text = None  # it holds the encoders too
         if keep_for_sampling:
             components.text_encoder1.to("cpu")
             components.text_encoder2.to("cpu")
