@@ -204,13 +204,14 @@ def train(config: TrainConfig) -> TrainResult:
                     with accelerator.autocast():
                         loss = batch_loss(batch, models, network, step_options, batch_generator(seed, epoch,
                                           global_index), config, train_text_encoder=train_text_encoder)
-                    check_finite(loss, batch, run.global_step + 1, epoch)
+                    value = loss.item()  # the one device sync of a batch
+                    check_finite(value, batch, run.global_step + 1, epoch)
                     opt.scaler.scale(loss / gas).backward()
-                    run.add_batch_loss(loss.item())
+                    run.add_batch_loss(value)
                     if (batch_index + 1) % gas and batch_index + 1 < len(indices):
                         continue
                     max_norm = optimizer_step(opt, network, config, world, accelerator.device)
-                    run.step_done(epoch, batch_index + 1, loss.item())
+                    run.step_done(epoch, batch_index + 1, value)
                     report_step(bar, log, run, opt, epoch, max_norm)
                     stop_now = stop_requested(stop, world, accelerator.device)
                     checkpointer.after_step(run, stop_now and run.global_step < plan.max_train_steps)
@@ -279,10 +280,10 @@ def batch_loss(batch: TrainBatch, models: Models, network, options: StepOptions,
                           base_prediction=base_prediction)
 
 
-def check_finite(loss: torch.Tensor, batch: TrainBatch, step: int, epoch: int) -> None:
-    if not torch.isfinite(loss):
+def check_finite(loss: float, batch: TrainBatch, step: int, epoch: int) -> None:
+    if not math.isfinite(loss):
         raise NonFiniteLoss(
-            f"loss is {loss.item()} at step {step} (epoch {epoch}); images of the batch: "
+            f"loss is {loss} at step {step} (epoch {epoch}); images of the batch: "
             f"{', '.join(str(p) for p in batch.paths)}. Try --no_half_vae, a lower learning rate, "
             f"or bf16 instead of fp16. Files saved so far are intact.")
 
