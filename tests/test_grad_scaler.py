@@ -97,3 +97,20 @@ def test_the_scaler_state_goes_through_a_state_folder(tmp_path):
                 rng=[rng_json()], progress=progress)
     assert read_state(tmp_path / "plain").scaler == {}
     assert not (tmp_path / "plain" / "scaler.json").exists()  # states of bf16 / fp32 runs are as before
+
+
+def test_a_step_the_scaler_skips_does_not_advance_the_lr_schedule():
+    from types import SimpleNamespace
+
+    from lorakit.train.optimizers import build_optimizer
+    from lorakit.train.trainer import Optimization, optimizer_step
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    built = build_optimizer("SGDNesterov", [weight], 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: 1.0 / (step + 1))
+    opt = Optimization(built, schedule, fp16_scaler(), [weight], ["unet"])
+    config = SimpleNamespace(fused_backward_pass=False, max_grad_norm=0.0, scale_weight_norms=None)
+    for factor, expected_lr in ((1e3, 1.0), (1.0, 0.5)):  # an overflow (skipped), then a real step
+        opt.scaler.scale((weight.half() * factor).float().sum() * factor).backward()
+        optimizer_step(opt, None, config, world=1, device="cpu")
+        assert schedule.get_last_lr() == [expected_lr]

@@ -293,15 +293,19 @@ def optimizer_step(opt: Optimization, network, config: TrainConfig, world: int, 
     unscaled (fp16) and clipped, the optimizer (skipped by the scaler when fp16 gradients overflowed) and the LR
     schedule stepped, then `--scale_weight_norms`. Returns the max-norm statistics for the log (None without
     max-norm)."""
+    skipped = False
     if not config.fused_backward_pass:  # fused: every parameter stepped during backward()
         average_gradients(opt.params, world)
         opt.scaler.unscale_(opt.optimizer)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(opt.params, config.max_grad_norm)
+        scale = opt.scaler.get_scale()
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.optimizer.zero_grad(set_to_none=True)
-    opt.lr_scheduler.step()
+        skipped = opt.scaler.get_scale() < scale  # fp16 gradients overflowed: the scaler skipped the step
+    if not skipped:  # the schedule follows the steps taken, as accelerate does
+        opt.lr_scheduler.step()
     if config.scale_weight_norms and isinstance(network, LoRANetwork):
         return network.apply_max_norm_regularization(config.scale_weight_norms, device)
     return None
