@@ -208,7 +208,7 @@ def _sd15_like(path: Path) -> Path:
 
 
 class NotATensor:
-    pass
+    """A pickled object that is not a tensor: weights_only loading must refuse it."""
 
 
 def test_missing_path(monkeypatch, capsys, tmp_path: Path) -> None:

@@ -115,13 +115,13 @@ class LoRANetwork(nn.Module):
         self.train()
 
     def on_step_start(self, *args) -> None:
-        pass
+        """Nothing to do per step (sd-scripts' trainer calls it on every network)."""
 
     def get_trainable_params(self) -> Iterable[nn.Parameter]:
         return self.parameters()
 
     def enable_gradient_checkpointing(self) -> None:
-        pass  # the LoRA branches are checkpointed with the blocks that hold their base layers
+        """Nothing to do: the LoRA branches are checkpointed with the blocks that hold their base layers."""
 
     def is_mergeable(self) -> bool:
         return True

@@ -121,7 +121,7 @@ class TrainResult:
 
 
 class NonFiniteLoss(LorakitError):
-    pass
+    """The loss became NaN or infinite; the message names the batch's images and what to try."""
 
 
 def train(config: TrainConfig) -> TrainResult:
