@@ -150,6 +150,7 @@ def train(config: TrainConfig) -> TrainResult:
     models = load_models(config, accelerator.device)
     cache_and_release(models, config, data.all_samples() + validation_data.all_samples(),
                       keep_for_sampling=bool(prompts), progress=main)
+    place_unet(models, config)  # after cache_and_release has returned: no frame of it holds a released model
     train_text_encoder = not config.network_train_unet_only and models.text is None
     network, network_alpha = make_network(config, models.components, models.unet, models.text_encoders,
                                           models.vae, not config.network_train_text_encoder_only,
@@ -413,7 +414,7 @@ def prepare_unet(config: TrainConfig, unet: torch.nn.Module) -> None:
 def cache_and_release(models: Models, config: TrainConfig, samples: list[Sample], *, keep_for_sampling: bool,
                       progress: bool) -> None:
     """Cache latents and text-encoder outputs as asked, then release the VAE and text encoders (or park them on
-    the CPU when sample images need them); the U-Net goes to the device, in fp8 with --fp8_base."""
+    the CPU when sample images need them)."""
     components, device = models.components, models.device
     models.vae.to(device)
     if config.cache_latents:
@@ -441,13 +442,19 @@ def cache_and_release(models: Models, config: TrainConfig, samples: list[Sample]
             components.text_encoder2.to("cpu")
         else:
             components.text_encoder1 = components.text_encoder2 = None
+
+
+def place_unet(models: Models, config: TrainConfig) -> None:
+    """Load the U-Net when `load_models` left it for after caching, then put it on the device (in fp8 with
+    --fp8_base)."""
     gc.collect()
     release_freed_memory()
     if models.unet is None:
-        components.unet = models.unet = load_sdxl(config.pretrained_model_name_or_path, dtype=models.weight_dtype,
-                                                  skip={"vae", "text_encoder1", "text_encoder2"}).unet
+        models.components.unet = models.unet = load_sdxl(
+            config.pretrained_model_name_or_path, dtype=models.weight_dtype,
+            skip={"vae", "text_encoder1", "text_encoder2"}).unet
         prepare_unet(config, models.unet)
-    models.unet.to(device)
+    models.unet.to(models.device)
     store_base_weights(config, models.unet, [t for t in models.text_encoders if t is not None], models.weight_dtype)
 
 
