@@ -49,7 +49,7 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha or rank), device=device))
         # A Python float: reading the buffer in forward would sync the GPU and break compiled graphs.
         self.scale = float(alpha or rank) / rank
-        # Loading a file's alpha must change the scale too (sd-scripts keeps the old one: its FIXME).
+        # Loading a file's alpha must change the scale too (sd-scripts keeps the scale of the old alpha).
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_scale())
         self.multiplier = multiplier
         self.dropout = dropout
