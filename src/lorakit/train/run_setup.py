@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
+from lorakit.models.float8 import store_in_float8
 from lorakit.network.apply import network_from_file, to_sgm_names
 from lorakit.network.io import load_network_weights, read_lora
 from lorakit.network.network import LoRANetwork
@@ -75,18 +76,15 @@ def release_freed_memory() -> None:
 
 def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: torch.dtype) -> None:
     """--fp8_base / --fp8_base_unet: frozen weights stored as float8_e4m3fn, each layer computed in the mixed
-    dtype (diffusers' layerwise casting)."""
+    dtype (`lorakit.models.float8`)."""
     if not (config.fp8_base or config.fp8_base_unet):
         return
     if compute_dtype == torch.float32:
         raise LorakitError("--fp8_base needs --mixed_precision bf16 or fp16 (the dtype layers compute in)")
-    from diffusers.hooks import apply_layerwise_casting
-
-    apply_layerwise_casting(unet, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    store_in_float8(unet, compute_dtype, skip=("norm",))
     if config.fp8_base:
         for text_encoder in text_encoders:
-            apply_layerwise_casting(text_encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                    skip_modules_pattern=("embeddings", "norm"))
+            store_in_float8(text_encoder, compute_dtype, skip=("embeddings", "norm"))
 
 
 def make_network(config: TrainConfig, components, unet, text_encoders, vae, train_unet: bool,
