@@ -60,9 +60,14 @@ def test_normalisation(argv, name, expected):
     (["--min_bucket_reso", "2048"], "--min_bucket_reso 2048 is larger than --max_bucket_reso 1024"),
     (["--min_timestep", "500", "--max_timestep", "500"], "--min_timestep 500 / --max_timestep 500: expected "
                                                          "0 <= min < max <= 1000"),
-    (["--max_timestep", "1001"], "--min_timestep 0 / --max_timestep 1001: expected 0 <= min < max <= 1000"),
+    (["--max_timestep", "1001"], "--max_timestep 1001: expected a timestep from 0 to 1000"),
+    (["--learning_rate", "nan"], "argument --learning_rate: expected a finite number, found 'nan'"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm -1.0: expected a value of at least 0"),
+    (["--seed", "-1"], "--seed -1: expected a seed from 0 to 4294967295"),
+    (["--text_encoder_lr", "1e-4", "inf"], "argument --text_encoder_lr: expected a finite number, found 'inf'"),
+    (["--max_bucket_reso", str(2**62)], f"--max_bucket_reso {2**62}: expected a side from 1 to 8192 pixels"),
     (["--train_batch_size", "0"], "--train_batch_size 0: expected a positive integer"),
-    (["--network_dim", "-4"], "--network_dim -4: expected a positive integer"),
+    (["--network_dim", "-4"], "--network_dim -4: expected a rank from 1 to 65536"),
     (["--caption_dropout_rate", "1.5"], "--caption_dropout_rate 1.5: expected a probability from 0 to 1"),
     (["--validation_split", "1.0"], "--validation_split 1.0: expected a fraction from 0 to below 1"),
     (["--use_8bit_adam", "--use_lion_optimizer"], "--use_8bit_adam and --use_lion_optimizer contradict; give "

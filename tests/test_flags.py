@@ -13,7 +13,7 @@ import pytest
 
 from lorakit.config import TrainConfig, build_parser, config_to_metadata, iter_flags, parse_train_args
 from lorakit.config.docs import render_markdown
-from lorakit.config.flags import Flag, float_range
+from lorakit.config.flags import Flag, float_range, number
 from lorakit.config.train_config import GROUPS
 from lorakit.errors import LorakitError
 
@@ -159,7 +159,7 @@ def sample_value(flag: Flag) -> list[str]:
         return [flag.option]
     if flag.choices:
         return [flag.option, str(next(choice for choice in flag.choices if choice != flag.default))]
-    word = {int: "96", float: "0.5", str: "some_value", float_range: "1.0,2.0"}.get(flag.parse, "128,64")
+    word = {int: "96", number: "0.5", str: "some_value", float_range: "1.0,2.0"}.get(flag.parse, "128,64")
     return [flag.option] + [word] * (2 if flag.many else 1)
 
 

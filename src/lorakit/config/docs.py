@@ -25,7 +25,8 @@ do not edit by hand.
 `--config_file args.toml` reads the same flags as TOML keys (tables are flattened, their names ignored).
 Precedence: command line > config file > defaults. File values go through the same types and choices as the
 command line (`resolution = 1024`, `lr_warmup_steps = 0.1` and `lr_warmup_steps = "10%"` all work); an
-unknown key is a warning naming it. A switch set to `true` in the file cannot be turned off on the command
+unknown key is a warning naming it. Numbers are finite (`nan` and `inf` are refused) and within the range in the
+*accepts* column. A switch set to `true` in the file cannot be turned off on the command
 line: set it to `false` in the file. `--output_config --config_file args.toml` writes the given non-default
 flags (never `--wandb_api_key` or `--huggingface_token`) to `args.toml` and exits; it never overwrites.
 """
@@ -36,7 +37,7 @@ def render_markdown() -> str:
     parts = [HEADER.format(kohya=sum(flag.kohya for flag in flags), extra=sum(not flag.kohya for flag in flags))]
     for group in GROUPS:
         parts.append(f"\n## {group.title}\n\n{group.description[0].upper()}{group.description[1:]}.\n\n"
-                     "| flag | value | default | meaning |\n|---|---|---|---|\n")
+                     "| flag | value | default | accepts | meaning |\n|---|---|---|---|---|\n")
         parts.extend(_row(flag) for flag in flags if flag.group == group)
     return "".join(parts)
 
@@ -47,7 +48,8 @@ def _row(flag: Flag) -> str:
     if flag.refused:
         meaning = f"**not supported yet**: {flag.refused}. {meaning}"
     value = f"`{flag.value_name()}`" if flag.value_name() else "switch"
-    cells = (f"`{flag.option}`", value, default, meaning)
+    accepts = str(flag.bounds) if flag.bounds else ""
+    cells = (f"`{flag.option}`", value, default, accepts, meaning)
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n"
 
 

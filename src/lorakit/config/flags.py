@@ -9,10 +9,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 FLAG_KEY = "lorakit.flag"
+MAX_SIDE = 8192  # pixels: the largest resolution or bucket side accepted (SDXL trains at 1024)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric flag accepts: from `low` to `high` (None: unbounded), each end included unless
+    `low_open` / `high_open`. `name` says it in words ("a probability from 0 to 1")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    name: str | None = None
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.name:
+            return self.name
+        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        return "a value " + " and ".join(part for part in (low, high) if part)
 
 
 @dataclass(frozen=True)
@@ -31,6 +57,7 @@ class Flag:
     refused: str | None = None  # reason why a non-default value is refused; None = implemented
     secret: bool = False  # never written to --output_config files or metadata
     to_file: Callable[[Any], Any] | None = None  # typed value -> the TOML value both tools read back
+    bounds: Bounds | None = None  # the accepted range of a numeric flag (each value of a list flag)
 
     @property
     def option(self) -> str:
@@ -76,8 +103,8 @@ class Group:
 
     def flag(self, default: Any, parse: Callable[[str], Any], help: str, *, choices: tuple[Any, ...] | None = None,
              many: bool = False, metavar: str | None = None, kohya: bool = True, refused: str | None = None,
-             secret: bool = False, to_file: Callable[[Any], Any] | None = None) -> Any:
-        flag = Flag("", self, help, default, parse, choices, many, metavar, kohya, refused, secret, to_file)
+             secret: bool = False, to_file: Callable[[Any], Any] | None = None, bounds: Bounds | None = None) -> Any:
+        flag = Flag("", self, help, default, parse, choices, many, metavar, kohya, refused, secret, to_file, bounds)
         return dataclasses.field(default=default, repr=not secret, metadata={FLAG_KEY: flag})
 
     def switch(self, help: str, *, kohya: bool = True, refused: str | None = None) -> Any:
@@ -94,6 +121,17 @@ def flags_of(cls: type) -> Iterator[Flag]:
 # Converters: each takes one word from the command line (or a TOML value as text) and raises
 # argparse.ArgumentTypeError with the expectation spelled out.
 
+def number(text: str) -> float:
+    """A finite float: NaN and infinities are refused here, before they reach a learning rate or a loss."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
+    return value
+
+
 def resolution(text: str) -> tuple[int, int]:
     """`"1024"` -> (1024, 1024); `"1024,768"` -> (1024, 768) as (width, height)."""
     parts = [part.strip() for part in str(text).split(",")]
@@ -103,14 +141,16 @@ def resolution(text: str) -> tuple[int, int]:
         sizes = []
     if len(sizes) not in (1, 2) or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"expected SIZE or WIDTH,HEIGHT in pixels, found {text!r}")
+    if max(sizes) > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"expected sides of at most {MAX_SIDE} pixels, found {text!r}")
     return (sizes[0], sizes[-1])
 
 
 def float_range(text: str) -> tuple[float, float]:
     """`"2.0,4.0"` -> (2.0, 4.0), lower bound first."""
     try:
-        low, high = (float(part) for part in str(text).split(","))
-    except ValueError:
+        low, high = (number(part) for part in str(text).split(","))
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected MIN,MAX, found {text!r}") from None
     if low > high:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX with MIN <= MAX, found {text!r}")
@@ -125,7 +165,7 @@ def steps_or_ratio(text: str) -> int | float:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(expected) from None
-    if value < 0 or (text.endswith("%") and value > 1):
+    if not math.isfinite(value) or value < 0 or (text.endswith("%") and value > 1):
         raise argparse.ArgumentTypeError(expected)
     if text.endswith("%") or value < 1:
         return value
@@ -139,6 +179,6 @@ def pair_text(value: tuple[Any, Any]) -> str:
     return ",".join(str(part) for part in value)
 
 
-_METAVARS: dict[Any, str] = {int: "N", float: "X", str: "TEXT", resolution: "SIZE|W,H", float_range: "MIN,MAX",
+_METAVARS: dict[Any, str] = {int: "N", number: "X", str: "TEXT", resolution: "SIZE|W,H", float_range: "MIN,MAX",
                              steps_or_ratio: "N|RATIO|N%"}
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
-from lorakit.config.flags import Flag
+from lorakit.config.flags import Flag, number
 from lorakit.config.train_config import GROUPS, TrainConfig, iter_flags
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
@@ -35,13 +35,6 @@ DESCRIPTION = ("Train an SDXL LoRA. Accepts the command line of sd-scripts' sdxl
 USAGE = ("%(prog)s --pretrained_model_name_or_path PATH (--dataset_config PATH | --train_data_dir PATH) "
          "[options]")
 NOT_IN_FILES = ("config_file", "output_config")  # only meaningful on the command line
-POSITIVE = ("dataset_repeats", "train_batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-            "vae_batch_size", "network_dim", "max_train_steps", "max_train_epochs", "gradient_accumulation_steps",
-            "lr_scheduler_num_cycles", "save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio",
-            "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
-            "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")
-PROBABILITIES = ("caption_dropout_rate", "caption_tag_dropout_rate")
-FRACTIONS = ("validation_split", "network_dropout")
 CAPTION_RANDOMISERS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step")
 
 
@@ -77,6 +70,8 @@ def help_text(flag: Flag) -> str:
     text = flag.help
     if not (flag.default is None or flag.default is False or flag.default == ""):
         text += f" (default: {flag.default})"
+    if flag.bounds is not None:
+        text += f" [{flag.bounds}]"
     if not flag.kohya:
         text += " [lorakit]"
     if flag.refused:
@@ -177,7 +172,7 @@ def value_from_file(flag: Flag, value: Any) -> Any:
     return _convert_word(flag, value)
 
 
-_EXPECTED = {int: "expected an integer", float: "expected a number", str: "expected text"}
+_EXPECTED = {int: "expected an integer", number: "expected a number", str: "expected text"}
 
 
 def _convert_word(flag: Flag, value: Any) -> Any:
@@ -282,19 +277,13 @@ def _check_inputs(config: TrainConfig) -> None:
 
 
 def _check_ranges(config: TrainConfig) -> None:
-    for name in POSITIVE:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise LorakitError(f"--{name} {value}: expected a positive integer")
-    for name in PROBABILITIES:
-        if not 0 <= getattr(config, name) <= 1:
-            raise LorakitError(f"--{name} {getattr(config, name)}: expected a probability from 0 to 1")
-    for name in FRACTIONS:
-        value = getattr(config, name)
-        if value is not None and not 0 <= value < 1:
-            raise LorakitError(f"--{name} {value}: expected a fraction from 0 to below 1")
-    if config.max_data_loader_n_workers < 0:
-        raise LorakitError(f"--max_data_loader_n_workers {config.max_data_loader_n_workers}: expected 0 or more")
+    for flag in iter_flags():
+        value = getattr(config, flag.name)
+        if flag.bounds is None or value is None:
+            continue
+        for item in value if flag.many else (value,):
+            if item not in flag.bounds:
+                raise LorakitError(f"{flag.option} {item}: expected {flag.bounds}")
     if config.bucket_reso_steps % 32:
         raise LorakitError(f"--bucket_reso_steps {config.bucket_reso_steps}: SDXL needs a multiple of 32")
     if config.min_bucket_reso > config.max_bucket_reso:

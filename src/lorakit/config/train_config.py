@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from lorakit.config.flags import Flag, Group, flags_of, float_range, pair_text, resolution, steps_or_ratio
+from lorakit.config.flags import (MAX_SIDE, Bounds, Flag, Group, flags_of, float_range, number, pair_text, resolution,
+                                  steps_or_ratio)
 
 MODEL = Group("model & precision", "base model, VAE, dtypes, attention, memory")
 DATASET = Group("dataset", "command-line datasets; also the defaults under --dataset_config")
@@ -37,6 +38,14 @@ SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a
             "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
                    "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
+MAX_RANK = 65536  # far above any layer's full rank; keeps a typo from allocating terabytes
+AT_LEAST_0, ABOVE_0 = Bounds(0, name="a value of at least 0"), Bounds(0, low_open=True, name="a value above 0")
+AT_LEAST_1 = Bounds(1, name="a positive integer")
+PROBABILITY = Bounds(0, 1, name="a probability from 0 to 1")
+FRACTION = Bounds(0, 1, high_open=True, name="a fraction from 0 to below 1")
+SIDE = Bounds(1, MAX_SIDE, name=f"a side from 1 to {MAX_SIDE} pixels")
+SEED = Bounds(0, 2**32 - 1, name=f"a seed from 0 to {2**32 - 1}")  # what numpy's and accelerate's set_seed accept
+TIMESTEP = Bounds(0, 1000, name="a timestep from 0 to 1000")
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
 
 
@@ -84,14 +93,16 @@ class TrainConfig:
                                               "images of --in_json", metavar="PATH")
     reg_data_dir: str | None = DATASET.flag(None, str, "folder of N_name regularisation subfolders", metavar="PATH")
     in_json: str | None = DATASET.flag(None, str, "fine-tuning metadata JSON (captions per image)", metavar="PATH")
-    dataset_repeats: int = DATASET.flag(1, int, "repeats of each image per epoch (fine-tuning datasets)")
+    dataset_repeats: int = DATASET.flag(1, int, "repeats of each image per epoch (fine-tuning datasets)",
+                                        bounds=AT_LEAST_1)
     resolution: tuple[int, int] | None = DATASET.flag(None, resolution, "training resolution: SIZE or WIDTH,HEIGHT",
                                                       to_file=pair_text)
-    train_batch_size: int = DATASET.flag(1, int, "images per batch")
+    train_batch_size: int = DATASET.flag(1, int, "images per batch", bounds=AT_LEAST_1)
     enable_bucket: bool = DATASET.switch("aspect-ratio bucketing")
-    min_bucket_reso: int = DATASET.flag(256, int, "smallest bucket side in pixels")
-    max_bucket_reso: int = DATASET.flag(1024, int, "largest bucket side in pixels")
-    bucket_reso_steps: int = DATASET.flag(64, int, "bucket side granularity in pixels (a multiple of 32 for SDXL)")
+    min_bucket_reso: int = DATASET.flag(256, int, "smallest bucket side in pixels", bounds=SIDE)
+    max_bucket_reso: int = DATASET.flag(1024, int, "largest bucket side in pixels", bounds=SIDE)
+    bucket_reso_steps: int = DATASET.flag(64, int, "bucket side granularity in pixels (a multiple of 32 for SDXL)",
+                                          bounds=Bounds(32, MAX_SIDE, name=f"a step from 32 to {MAX_SIDE} pixels"))
     bucket_no_upscale: bool = DATASET.switch("per-image buckets that never upscale")
     resize_interpolation: str | None = DATASET.flag(
         None, str, "resize filter (default: area to shrink, lanczos to enlarge)", choices=INTERPOLATIONS)
@@ -99,19 +110,21 @@ class TrainConfig:
     caption_extention: str | None = DATASET.flag(None, str, "misspelled alias of --caption_extension (wins)")
     caption_separator: str = DATASET.flag(",", str, "tag separator in captions")
     shuffle_caption: bool = DATASET.switch("shuffle the separated tags")
-    keep_tokens: int = DATASET.flag(0, int, "keep the first N tags in place (not shuffled or dropped)")
+    keep_tokens: int = DATASET.flag(0, int, "keep the first N tags in place (not shuffled or dropped)",
+                                    bounds=AT_LEAST_0)
     keep_tokens_separator: str = DATASET.flag("", str, "marker ending the fixed part of a caption (e.g. |||)")
     secondary_separator: str | None = DATASET.flag(None, str, "separator inside a tag, replaced by "
                                                    "--caption_separator after shuffling")
     enable_wildcard: bool = DATASET.switch("{a|b} wildcards and multi-line captions")
     caption_prefix: str | None = DATASET.flag(None, str, "text prepended to every caption")
     caption_suffix: str | None = DATASET.flag(None, str, "text appended to every caption")
-    caption_dropout_rate: float = DATASET.flag(0.0, float, "probability of an empty caption per sample")
-    caption_dropout_every_n_epochs: int = DATASET.flag(0, int, "empty captions for every Nth epoch")
-    caption_tag_dropout_rate: float = DATASET.flag(0.0, float, "probability of dropping each tag")
-    token_warmup_min: int = DATASET.flag(1, int, "tags used at step 0 of the tag-count warm-up")
-    token_warmup_step: float = DATASET.flag(0.0, float, "step at which all tags are used (<1: fraction of "
-                                            "the total steps)")
+    caption_dropout_rate: float = DATASET.flag(0.0, number, "probability of an empty caption per sample",
+                                               bounds=PROBABILITY)
+    caption_dropout_every_n_epochs: int = DATASET.flag(0, int, "empty captions for every Nth epoch", bounds=AT_LEAST_0)
+    caption_tag_dropout_rate: float = DATASET.flag(0.0, number, "probability of dropping each tag", bounds=PROBABILITY)
+    token_warmup_min: int = DATASET.flag(1, int, "tags used at step 0 of the tag-count warm-up", bounds=AT_LEAST_0)
+    token_warmup_step: float = DATASET.flag(0.0, number, "step at which all tags are used (<1: fraction of "
+                                            "the total steps)", bounds=AT_LEAST_0)
     color_aug: bool = DATASET.switch("weak hue augmentation (not with cached latents)")
     flip_aug: bool = DATASET.switch("random horizontal flips (cached latents keep both orientations)")
     random_crop: bool = DATASET.switch("random instead of centred crop (not with cached latents)")
@@ -126,7 +139,7 @@ class TrainConfig:
     dataset_class: str | None = DATASET.flag(
         None, str, "python class of a custom dataset", metavar="MODULE.CLASS",
         refused="custom dataset classes; describe the data with --dataset_config")
-    prior_loss_weight: float = DATASET.flag(1.0, float, "loss weight of regularisation images")
+    prior_loss_weight: float = DATASET.flag(1.0, number, "loss weight of regularisation images", bounds=AT_LEAST_0)
     conditioning_data_dir: str | None = DATASET.flag(None, str, "folder of loss masks (masked loss)", metavar="PATH")
     masked_loss: bool = DATASET.switch("weight the loss by masks from conditioning_data_dir")
 
@@ -134,7 +147,7 @@ class TrainConfig:
     cache_latents: bool = CACHING.switch("encode every image with the VAE once and keep the latents in memory")
     cache_latents_to_disk: bool = CACHING.switch("store the latent cache next to the images (implies "
                                                  "--cache_latents)")
-    vae_batch_size: int = CACHING.flag(1, int, "images per VAE batch while caching latents")
+    vae_batch_size: int = CACHING.flag(1, int, "images per VAE batch while caching latents", bounds=AT_LEAST_1)
     cache_text_encoder_outputs: bool = CACHING.switch("encode every caption once (trains the U-Net only)")
     cache_text_encoder_outputs_to_disk: bool = CACHING.switch(
         "store the text-encoder cache next to the images (implies --cache_text_encoder_outputs)")
@@ -144,9 +157,12 @@ class TrainConfig:
     # --- network ---
     network_module: str | None = NETWORK.flag(None, str, "network module: networks.lora or lycoris.kohya",
                                               metavar="MODULE")
-    network_dim: int | None = NETWORK.flag(None, int, "LoRA rank (networks.lora: 4 when not given)")
-    network_alpha: float = NETWORK.flag(1, float, "LoRA alpha; the update is scaled by alpha / rank")
-    network_dropout: float | None = NETWORK.flag(None, float, "dropout on the LoRA down output while training")
+    network_dim: int | None = NETWORK.flag(None, int, "LoRA rank (networks.lora: 4 when not given)",
+                                           bounds=Bounds(1, MAX_RANK, name=f"a rank from 1 to {MAX_RANK}"))
+    network_alpha: float = NETWORK.flag(1, number, "LoRA alpha; the update is scaled by alpha / rank",
+                                        bounds=AT_LEAST_0)
+    network_dropout: float | None = NETWORK.flag(None, number, "dropout on the LoRA down output while training",
+                                                 bounds=FRACTION)
     network_args: tuple[str, ...] | None = NETWORK.flag(None, str, "extra network options", many=True,
                                                         metavar="KEY=VALUE")
     network_weights: str | None = NETWORK.flag(None, str, "LoRA file to start from", metavar="PATH")
@@ -156,8 +172,9 @@ class TrainConfig:
     base_weights: tuple[str, ...] | None = NETWORK.flag(None, str, "LoRA files merged into the base model first",
                                                         many=True, metavar="PATH")
     base_weights_multiplier: tuple[float, ...] | None = NETWORK.flag(
-        None, float, "multipliers of --base_weights (1.0 each by default)", many=True)
-    scale_weight_norms: float | None = NETWORK.flag(None, float, "max norm of each LoRA up*down product")
+        None, number, "multipliers of --base_weights (1.0 each by default)", many=True)
+    scale_weight_norms: float | None = NETWORK.flag(None, number, "max norm of each LoRA up*down product",
+                                                    bounds=ABOVE_0)
     training_comment: str | None = NETWORK.flag(None, str, "comment stored as ss_training_comment")
 
     # --- optimizer & schedule ---
@@ -168,25 +185,26 @@ class TrainConfig:
                                                             "literals)", many=True, metavar="KEY=VALUE")
     use_8bit_adam: bool = OPTIMIZER.switch("legacy alias of --optimizer_type AdamW8bit")
     use_lion_optimizer: bool = OPTIMIZER.switch("legacy alias of --optimizer_type Lion")
-    learning_rate: float = OPTIMIZER.flag(2e-6, float, "learning rate of every group without its own")
-    unet_lr: float | None = OPTIMIZER.flag(None, float, "U-Net LoRA learning rate")
+    learning_rate: float = OPTIMIZER.flag(2e-6, number, "learning rate of every group without its own",
+                                          bounds=AT_LEAST_0)
+    unet_lr: float | None = OPTIMIZER.flag(None, number, "U-Net LoRA learning rate", bounds=AT_LEAST_0)
     text_encoder_lr: tuple[float, ...] | None = OPTIMIZER.flag(
-        None, float, "text-encoder learning rates: one value for both, or TE1 TE2", many=True)
-    text_encoder_lr1: float | None = OPTIMIZER.flag(None, float, "TE1 (CLIP ViT-L) learning rate; wins over "
-                                                    "--text_encoder_lr", kohya=False)
-    text_encoder_lr2: float | None = OPTIMIZER.flag(None, float, "TE2 (OpenCLIP ViT-bigG) learning rate; wins "
-                                                    "over --text_encoder_lr", kohya=False)
-    max_grad_norm: float = OPTIMIZER.flag(1.0, float, "gradient clipping norm; 0 disables")
+        None, number, "text-encoder learning rates: one value for both, or TE1 TE2", many=True, bounds=AT_LEAST_0)
+    text_encoder_lr1: float | None = OPTIMIZER.flag(None, number, "TE1 (CLIP ViT-L) learning rate; wins over "
+                                                    "--text_encoder_lr", kohya=False, bounds=AT_LEAST_0)
+    text_encoder_lr2: float | None = OPTIMIZER.flag(None, number, "TE2 (OpenCLIP ViT-bigG) learning rate; wins "
+                                                    "over --text_encoder_lr", kohya=False, bounds=AT_LEAST_0)
+    max_grad_norm: float = OPTIMIZER.flag(1.0, number, "gradient clipping norm; 0 disables", bounds=AT_LEAST_0)
     lr_scheduler: str = OPTIMIZER.flag("constant", str, "learning-rate schedule", choices=SCHEDULERS)
     lr_warmup_steps: int | float = OPTIMIZER.flag(0, steps_or_ratio, "warm-up steps, or a ratio (<1 or N%) of "
                                                   "the total")
     lr_decay_steps: int | float = OPTIMIZER.flag(0, steps_or_ratio, "decay steps of warmup_stable_decay, or a "
                                                  "ratio (<1 or N%) of the total")
-    lr_scheduler_num_cycles: int = OPTIMIZER.flag(1, int, "restarts of cosine_with_restarts")
-    lr_scheduler_power: float = OPTIMIZER.flag(1, float, "power of the polynomial schedule")
-    lr_scheduler_timescale: int | None = OPTIMIZER.flag(None, int, "timescale of inverse_sqrt")
-    lr_scheduler_min_lr_ratio: float | None = OPTIMIZER.flag(None, float, "final LR ratio of cosine_with_min_lr "
-                                                             "and warmup_stable_decay")
+    lr_scheduler_num_cycles: int = OPTIMIZER.flag(1, int, "restarts of cosine_with_restarts", bounds=AT_LEAST_1)
+    lr_scheduler_power: float = OPTIMIZER.flag(1, number, "power of the polynomial schedule", bounds=ABOVE_0)
+    lr_scheduler_timescale: int | None = OPTIMIZER.flag(None, int, "timescale of inverse_sqrt", bounds=AT_LEAST_1)
+    lr_scheduler_min_lr_ratio: float | None = OPTIMIZER.flag(None, number, "final LR ratio of cosine_with_min_lr "
+                                                             "and warmup_stable_decay", bounds=PROBABILITY)
     lr_scheduler_type: str = OPTIMIZER.flag("", str, "custom scheduler class (torch name or dotted path); "
                                             "wins over --lr_scheduler", metavar="CLASS")
     lr_scheduler_args: tuple[str, ...] | None = OPTIMIZER.flag(None, str, "scheduler keyword arguments (Python "
@@ -195,41 +213,50 @@ class TrainConfig:
                                                  "the gradient (no gradient accumulation)")
 
     # --- training loop, noise, loss ---
-    max_train_steps: int = TRAINING.flag(1600, int, "optimizer steps (replaced by --max_train_epochs)")
-    max_train_epochs: int | None = TRAINING.flag(None, int, "epochs to train")
-    gradient_accumulation_steps: int = TRAINING.flag(1, int, "batches per optimizer step")
-    seed: int | None = TRAINING.flag(None, int, "random seed (random when not given)")
-    max_data_loader_n_workers: int = TRAINING.flag(8, int, "data-loader worker processes (at most the CPU count)")
+    max_train_steps: int = TRAINING.flag(1600, int, "optimizer steps (replaced by --max_train_epochs)",
+                                         bounds=AT_LEAST_1)
+    max_train_epochs: int | None = TRAINING.flag(None, int, "epochs to train", bounds=AT_LEAST_1)
+    gradient_accumulation_steps: int = TRAINING.flag(1, int, "batches per optimizer step", bounds=AT_LEAST_1)
+    seed: int | None = TRAINING.flag(None, int, "random seed (random when not given)", bounds=SEED)
+    max_data_loader_n_workers: int = TRAINING.flag(8, int, "data-loader worker processes (at most the CPU count)",
+                                                   bounds=AT_LEAST_0)
     persistent_data_loader_workers: bool = TRAINING.switch("keep data-loader workers between epochs")
     max_token_length: int | None = TRAINING.flag(None, int, "caption length in tokens (75 when not given)",
                                                  choices=(150, 225))
     clip_skip: int | None = TRAINING.flag(None, int, "ignored by SDXL training and sample images; stored in "
-                                          "metadata")
+                                          "metadata", bounds=AT_LEAST_1)
     weighted_captions: bool = TRAINING.switch("(tag:1.2) caption weights")
-    noise_offset: float | None = TRAINING.flag(None, float, "offset noise strength (about 0.0357 for SDXL)")
+    noise_offset: float | None = TRAINING.flag(None, number, "offset noise strength (about 0.0357 for SDXL)",
+                                               bounds=AT_LEAST_0)
     noise_offset_random_strength: bool = TRAINING.switch("scale the noise offset by U(0,1) each step")
-    adaptive_noise_scale: float | None = TRAINING.flag(None, float, "add this times |mean latent| to the noise "
+    adaptive_noise_scale: float | None = TRAINING.flag(None, number, "add this times |mean latent| to the noise "
                                                        "offset (needs --noise_offset)")
-    multires_noise_iterations: int | None = TRAINING.flag(None, int, "pyramid noise iterations (6-10)")
-    multires_noise_discount: float = TRAINING.flag(0.3, float, "pyramid noise discount")
-    ip_noise_gamma: float | None = TRAINING.flag(None, float, "input-perturbation noise strength (about 0.1)")
+    multires_noise_iterations: int | None = TRAINING.flag(None, int, "pyramid noise iterations (6-10)",
+                                                          bounds=AT_LEAST_0)
+    multires_noise_discount: float = TRAINING.flag(0.3, number, "pyramid noise discount", bounds=PROBABILITY)
+    ip_noise_gamma: float | None = TRAINING.flag(None, number, "input-perturbation noise strength (about 0.1)",
+                                                 bounds=AT_LEAST_0)
     ip_noise_gamma_random_strength: bool = TRAINING.switch("scale --ip_noise_gamma by U(0,1) each step")
     zero_terminal_snr: bool = TRAINING.switch("rescale the noise schedule to zero terminal SNR")
-    min_timestep: int | None = TRAINING.flag(None, int, "lowest timestep sampled (0 when not given)")
-    max_timestep: int | None = TRAINING.flag(None, int, "timestep bound, exclusive (1000 when not given)")
+    min_timestep: int | None = TRAINING.flag(None, int, "lowest timestep sampled (0 when not given)",
+                                             bounds=TIMESTEP)
+    max_timestep: int | None = TRAINING.flag(None, int, "timestep bound, exclusive (1000 when not given)",
+                                             bounds=TIMESTEP)
     loss_type: str = TRAINING.flag("l2", str, "loss function", choices=("l1", "l2", "huber", "smooth_l1"))
     huber_schedule: str = TRAINING.flag("snr", str, "Huber threshold schedule over timesteps",
                                         choices=("constant", "exponential", "snr"))
-    huber_c: float = TRAINING.flag(0.1, float, "Huber threshold")
-    huber_scale: float = TRAINING.flag(1.0, float, "Huber scale (constant and exponential schedules)")
-    min_snr_gamma: float | None = TRAINING.flag(None, float, "Min-SNR loss weighting gamma (5 is typical)")
+    huber_c: float = TRAINING.flag(0.1, number, "Huber threshold", bounds=ABOVE_0)
+    huber_scale: float = TRAINING.flag(1.0, number, "Huber scale (constant and exponential schedules)", bounds=ABOVE_0)
+    min_snr_gamma: float | None = TRAINING.flag(None, number, "Min-SNR loss weighting gamma (5 is typical)",
+                                                bounds=ABOVE_0)
     scale_v_pred_loss_like_noise_pred: bool = TRAINING.switch("weight the v-prediction loss like the noise loss "
                                                               "(needs --v_parameterization)")
-    v_pred_like_loss: float | None = TRAINING.flag(None, float, "add a v-prediction-like loss term of this "
-                                                   "weight (epsilon models only)")
+    v_pred_like_loss: float | None = TRAINING.flag(None, number, "add a v-prediction-like loss term of this "
+                                                   "weight (epsilon models only)", bounds=AT_LEAST_0)
     debiased_estimation_loss: bool = TRAINING.switch("weight the loss by 1/sqrt(SNR)")
-    initial_epoch: int | None = TRAINING.flag(None, int, "number of the first epoch (1 = first)")
-    initial_step: int | None = TRAINING.flag(None, int, "global step to start at (wins over --initial_epoch)")
+    initial_epoch: int | None = TRAINING.flag(None, int, "number of the first epoch (1 = first)", bounds=AT_LEAST_1)
+    initial_step: int | None = TRAINING.flag(None, int, "global step to start at (wins over --initial_epoch)",
+                                             bounds=AT_LEAST_0)
     skip_until_initial_step: bool = TRAINING.switch("skip batches until --initial_step")
     dry_run: bool = TRAINING.switch("print the start-up summary and memory estimate, then exit before loading "
                                     "weights", kohya=False)
@@ -241,13 +268,15 @@ class TrainConfig:
                                      choices=("safetensors", "ckpt", "pt"))
     save_precision: str | None = SAVING.flag(None, str, "dtype of the saved weights (default: as trained)",
                                              choices=("float", "fp16", "bf16"))
-    save_every_n_epochs: int | None = SAVING.flag(None, int, "save every N epochs")
-    save_every_n_steps: int | None = SAVING.flag(None, int, "save every N steps")
-    save_n_epoch_ratio: int | None = SAVING.flag(None, int, "save about N times over the run")
-    save_last_n_epochs: int | None = SAVING.flag(None, int, "keep only the last N epoch files")
-    save_last_n_epochs_state: int | None = SAVING.flag(None, int, "keep only the last N epoch states")
-    save_last_n_steps: int | None = SAVING.flag(None, int, "delete step files older than N steps")
-    save_last_n_steps_state: int | None = SAVING.flag(None, int, "delete step states older than N steps")
+    save_every_n_epochs: int | None = SAVING.flag(None, int, "save every N epochs", bounds=AT_LEAST_1)
+    save_every_n_steps: int | None = SAVING.flag(None, int, "save every N steps", bounds=AT_LEAST_1)
+    save_n_epoch_ratio: int | None = SAVING.flag(None, int, "save about N times over the run", bounds=AT_LEAST_1)
+    save_last_n_epochs: int | None = SAVING.flag(None, int, "keep only the last N epoch files", bounds=AT_LEAST_1)
+    save_last_n_epochs_state: int | None = SAVING.flag(None, int, "keep only the last N epoch states",
+                                                       bounds=AT_LEAST_1)
+    save_last_n_steps: int | None = SAVING.flag(None, int, "delete step files older than N steps", bounds=AT_LEAST_1)
+    save_last_n_steps_state: int | None = SAVING.flag(None, int, "delete step states older than N steps",
+                                                      bounds=AT_LEAST_1)
     save_state: bool = SAVING.switch("save the training state with every saved LoRA and at the end")
     save_state_on_train_end: bool = SAVING.switch("save the training state at the end")
     resume: str | None = SAVING.flag(None, str, "state folder to resume from", metavar="PATH")
@@ -270,12 +299,14 @@ class TrainConfig:
     sample_sampler: str = SAMPLES.flag("ddim", str, "sampler of the sample images", choices=SAMPLERS)
 
     # --- validation ---
-    validation_split: float = VALIDATION.flag(0.0, float, "fraction of each DreamBooth dataset held out")
-    validation_seed: int | None = VALIDATION.flag(None, int, "seed of the split and of the validation noise")
-    validate_every_n_steps: int | None = VALIDATION.flag(None, int, "validate every N steps")
+    validation_split: float = VALIDATION.flag(0.0, number, "fraction of each DreamBooth dataset held out",
+                                              bounds=FRACTION)
+    validation_seed: int | None = VALIDATION.flag(None, int, "seed of the split and of the validation noise",
+                                                  bounds=SEED)
+    validate_every_n_steps: int | None = VALIDATION.flag(None, int, "validate every N steps", bounds=AT_LEAST_1)
     validate_every_n_epochs: int | None = VALIDATION.flag(None, int, "validate every N epochs (default: every "
-                                                          "epoch when there is a validation set)")
-    max_validation_steps: int | None = VALIDATION.flag(None, int, "at most N validation batches")
+                                                          "epoch when there is a validation set)", bounds=AT_LEAST_1)
+    max_validation_steps: int | None = VALIDATION.flag(None, int, "at most N validation batches", bounds=AT_LEAST_1)
 
     # --- logging ---
     logging_dir: str | None = LOGGING.flag(None, str, "tracker log folder (enables TensorBoard)", metavar="PATH")
@@ -306,7 +337,7 @@ class TrainConfig:
     metadata_is_negative_embedding: str | None = METADATA.flag(None, str, "modelspec.is_negative_embedding")
 
     # --- distributed ---
-    ddp_timeout: int | None = DISTRIBUTED.flag(None, int, "DDP timeout in minutes")
+    ddp_timeout: int | None = DISTRIBUTED.flag(None, int, "DDP timeout in minutes", bounds=AT_LEAST_1)
     ddp_gradient_as_bucket_view: bool = DISTRIBUTED.switch("DDP gradient_as_bucket_view")
     ddp_static_graph: bool = DISTRIBUTED.switch("DDP static_graph")
     deepspeed: bool = DISTRIBUTED.switch("train with DeepSpeed", refused=NO_DEEPSPEED)

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union, 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
                       ValidationError)
 
+from lorakit.config.flags import MAX_SIDE
 from lorakit.data.buckets import INTERPOLATIONS
 from lorakit.errors import LorakitError
 
@@ -65,9 +66,13 @@ def _parse_pair(value: Any) -> Any:
 
 
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
-Resolution = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_parse_resolution)]
-Number = Annotated[float, Strict()]  # strict still accepts int: `0` is a valid float, `"0"` and `true` are not
-Probability = Annotated[float, Strict(), Field(ge=0, le=1)]
+Side = Annotated[int, Strict(), Field(gt=0, le=MAX_SIDE)]  # pixels
+Resolution = Annotated[tuple[Side, Side], BeforeValidator(_parse_resolution)]
+# Strict still accepts int: `0` is a valid float, `"0"` and `true` are not. TOML's nan and inf are refused.
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Probability = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Strict(), Field(ge=0, lt=1, allow_inf_nan=False)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 CropRange = Annotated[tuple[Number, Number], BeforeValidator(_parse_pair)]
 Interpolation = Literal[INTERPOLATIONS]  # type: ignore[valid-type]
@@ -93,7 +98,7 @@ class SubsetCommonTable(_Table):
     caption_dropout_every_n_epochs: NonNegativeInt | None = None
     caption_tag_dropout_rate: Probability | None = None
     token_warmup_min: NonNegativeInt | None = None
-    token_warmup_step: Annotated[float, Strict(), Field(ge=0)] | None = None
+    token_warmup_step: NonNegativeNumber | None = None
     color_aug: StrictBool | None = None
     flip_aug: StrictBool | None = None
     random_crop: StrictBool | None = None
@@ -113,7 +118,7 @@ class SubsetTable(SubsetCommonTable):
     alpha_mask: StrictBool | None = None
     metadata_file: StrictStr | None = None
     conditioning_data_dir: StrictStr | None = None
-    validation_split: Annotated[float, Strict(), Field(ge=0, lt=1)] | None = None
+    validation_split: Fraction | None = None
     validation_seed: StrictInt | None = None
 
 
@@ -123,11 +128,11 @@ class DatasetCommonTable(SubsetCommonTable):
     resolution: Resolution | None = None
     batch_size: PositiveInt | None = None
     enable_bucket: StrictBool | None = None
-    min_bucket_reso: PositiveInt | None = None
-    max_bucket_reso: PositiveInt | None = None
-    bucket_reso_steps: PositiveInt | None = None
+    min_bucket_reso: Side | None = None
+    max_bucket_reso: Side | None = None
+    bucket_reso_steps: Side | None = None
     bucket_no_upscale: StrictBool | None = None
-    validation_split: Annotated[float, Strict(), Field(ge=0, lt=1)] | None = None
+    validation_split: Fraction | None = None
     validation_seed: StrictInt | None = None
     network_multiplier: Number | None = None
 
@@ -443,6 +448,9 @@ def _dataset_kind(where: str, tables: Sequence[str], subsets: Sequence[SubsetTab
 
 def _bucket_range(where: str, resolution, min_reso: int, max_reso: int, steps: int) -> tuple[int, int]:
     """Round min/max bucket sides to the step as sd-scripts does, and check they bracket the resolution."""
+    if min_reso < steps:
+        raise LorakitError(f"{where}: min_bucket_reso {min_reso} is smaller than bucket_reso_steps {steps}: bucket "
+                           "sides are multiples of the step, so expected min_bucket_reso >= bucket_reso_steps")
     if min_reso % steps:
         rounded = min_reso - min_reso % steps
         logger.warning("%s: min_bucket_reso %d rounded down to %d (a multiple of bucket_reso_steps %d)",
@@ -583,6 +591,8 @@ def _problem(model: type[BaseModel], key: str, error: Mapping[str, Any]) -> str:
     context = error.get("ctx") or {}
     if error["type"] == "literal_error":
         return f"expected one of {', '.join(INTERPOLATIONS)}, found {found}"
+    if error["type"] == "finite_number":
+        return f"expected a finite number, found {found}"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if error["type"] in bounds and key not in _EXPECTED:
         limit = next(iter(context.values()))
