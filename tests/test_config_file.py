@@ -113,7 +113,7 @@ def test_missing_and_malformed_files_are_one_line_errors(tmp_path):
     with pytest.raises(LorakitError, match=r"^--config_file .*nothere.toml: no such file$"):
         parse_train_args(["--config_file", str(tmp_path / "nothere")])
     path = write(tmp_path, "learning_rate = = 1")
-    with pytest.raises(LorakitError, match=r"^--config_file .*args.toml: not valid TOML: "):
+    with pytest.raises(LorakitError, match=r"^--config_file .*args.toml: invalid TOML: "):
         parse_train_args(["--config_file", str(path)])
 
 

@@ -89,7 +89,9 @@ from lorakit.train.state import rng_json, write_state
 network = torch.nn.Linear(8192, int(sys.argv[2]), bias=False)
 optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
 write_state(Path(sys.argv[1]), network=network, optimizer=optimizer, lr_scheduler=LambdaLR(optimizer, lambda _: 1),
-            rng=[rng_json()], progress={"global_step": int(sys.argv[3]), "epoch": 1})
+            rng=[rng_json()], progress={"global_step": int(sys.argv[3]), "epoch": 1, "batches_done": 1,
+                                        "epoch_finished": True, "seed": 0, "moving_average": {},
+                                        "epoch_losses": []})
 """
 
 

@@ -128,7 +128,7 @@ def test_table_bad_values_warn(caplog) -> None:
 
 @pytest.mark.parametrize(("text", "suffix", "message"), [
     ("[prompt]\nwidth = 5\n", ".toml", "[[prompt.subset]]"),
-    ("[prompt\n", ".toml", "not valid TOML"),
+    ("[prompt\n", ".toml", "invalid TOML"),
     ('{"prompt": "x"}', ".json", "expected a JSON list"),
     ("[3]", ".json", "item 0 is a int"),
     ('[{"width": 512}]', ".json", "no prompt text"),
@@ -140,7 +140,7 @@ def test_broken_files_raise(text, suffix, message) -> None:
 
 
 def test_missing_file_and_bad_default_sampler(tmp_path) -> None:
-    with pytest.raises(LorakitError, match="cannot read"):
+    with pytest.raises(LorakitError, match="none.txt: no such file"):
         load_sample_prompts(tmp_path / "none.txt")
     with pytest.raises(LorakitError, match="--sample_sampler is 'fast'"):
         parse_sample_prompts("x", ".txt", default_sampler="fast")

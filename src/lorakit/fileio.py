@@ -1,13 +1,28 @@
-"""Atomic writes: everything lorakit saves goes to a temporary name first and is renamed when complete,
-so an interrupted run (Ctrl-C, crash, full disk) never leaves a truncated file under the real name."""
+"""Files: atomic writes, and reading the text files users hand lorakit.
+
+Everything lorakit saves goes to a temporary name first and is renamed when complete, so an interrupted run
+(Ctrl-C, crash, full disk) never leaves a truncated file under the real name; the finished file gets the mode the
+user's umask gives, as a plain `open()` would. Text files are read as UTF-8 (a byte-order mark is dropped), and any
+problem reading or parsing one is a LorakitError naming the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import stat
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from lorakit.errors import LorakitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -47,3 +62,59 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The text of a user's file; `what` names it in messages (e.g. "--sample_prompts", "caption file")."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise LorakitError(f"{what} {path} is not UTF-8 text (byte 0x{byte:02x} at offset {error.start}): re-save "
+                           "it as UTF-8") from None
+    except FileNotFoundError:
+        raise LorakitError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise LorakitError(f"{what} {path}: is a folder; expected a file") from None
+    except OSError as error:
+        raise LorakitError(f"{what} {path}: cannot read it ({describe_os_error(error)})") from None
+
+
+def parse_toml(text: str, path: str | os.PathLike, what: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise LorakitError(f"{what} {path}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise LorakitError(f"{what} {path}: arrays or tables nested too deeply") from None
+
+
+def parse_json(text: str, path: str | os.PathLike, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LorakitError(f"{what} {path}: invalid JSON at line {error.lineno}, column {error.colno}: "
+                           f"{error.msg}") from None
+    except RecursionError:
+        raise LorakitError(f"{what} {path}: arrays or objects nested too deeply") from None
+
+
+def kind_of(path: str | os.PathLike, what: str) -> str | None:
+    """"file", "folder", "other" (a device, a socket, ...) or None when nothing is there. A path the system
+    cannot even look up (too long, a folder without permission, a NUL byte) is a LorakitError naming it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as error:
+        reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        shown = os.fspath(path)
+        shown = shown if len(shown) <= 200 else f"{shown[:100]}...{shown[-60:]} ({len(shown)} characters)"
+        raise LorakitError(f"{what} {shown}: cannot look it up ({reason})") from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def describe_os_error(error: OSError) -> str:
+    """"No such file or directory", "File name too long", ... without the path (messages name it themselves)."""
+    return error.strerror or type(error).__name__

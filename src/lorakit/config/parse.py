@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import difflib
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,12 +20,7 @@ import tomli_w
 from lorakit.config.flags import Flag, number
 from lorakit.config.train_config import GROUPS, TrainConfig, iter_flags
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from lorakit.fileio import atomic_path, parse_toml, read_text
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +126,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The converted values of a `--config_file` TOML. Tables are flattened (their names are ignored, as in
     sd-scripts); unknown keys are warned about by name and skipped."""
     path = config_file_path(path)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LorakitError(f"--config_file {path}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise LorakitError(f"--config_file {path}: not valid TOML: {error}") from None
+    document = parse_toml(read_text(path, "--config_file"), path, "--config_file")
     flat: dict[str, Any] = {}
     for key, value in document.items():
         flat.update(value if isinstance(value, dict) else {key: value})

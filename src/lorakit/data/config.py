@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, UnionType
@@ -28,11 +27,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, Str
 from lorakit.config.flags import MAX_SIDE
 from lorakit.data.buckets import INTERPOLATIONS
 from lorakit.errors import LorakitError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from lorakit.fileio import kind_of, parse_json, parse_toml, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +69,8 @@ Probability = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
 NonNegativeNumber = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Strict(), Field(ge=0, lt=1, allow_inf_nan=False)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+Separator = Annotated[str, Strict(), Field(min_length=1)]
+FileSuffix = Annotated[str, Strict(), Field(pattern=r"^[^/\\\x00]*$")]  # appended to an image's file name stem
 CropRange = Annotated[tuple[Number, Number], BeforeValidator(_parse_pair)]
 Interpolation = Literal[INTERPOLATIONS]  # type: ignore[valid-type]
 
@@ -87,10 +84,10 @@ class SubsetCommonTable(_Table):
 
     num_repeats: NonNegativeInt | None = None
     shuffle_caption: StrictBool | None = None
-    caption_separator: StrictStr | None = None
+    caption_separator: Separator | None = None
     keep_tokens: NonNegativeInt | None = None
     keep_tokens_separator: StrictStr | None = None
-    secondary_separator: StrictStr | None = None
+    secondary_separator: Separator | None = None
     enable_wildcard: StrictBool | None = None
     caption_prefix: StrictStr | None = None
     caption_suffix: StrictStr | None = None
@@ -105,7 +102,7 @@ class SubsetCommonTable(_Table):
     face_crop_aug_range: CropRange | None = None
     custom_attributes: dict[str, Any] | None = None
     resize_interpolation: Interpolation | None = None
-    caption_extension: StrictStr | None = None
+    caption_extension: FileSuffix | None = None
     class_tokens: StrictStr | None = None
     cache_info: StrictBool | None = None
 
@@ -246,18 +243,11 @@ def read_dataset_config(path: str | Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise LorakitError(f"--dataset_config {path}: unsupported file type '{path.suffix}': expected .toml or .json")
-    if not path.is_file():
+    if kind_of(path, "--dataset_config") is None:
         raise LorakitError(f"--dataset_config {path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise LorakitError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    try:
-        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise LorakitError(f"{path}: invalid TOML: {error}") from None
-    except json.JSONDecodeError as error:
-        raise LorakitError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    text = read_text(path, "--dataset_config")
+    data = parse_toml(text, path, "--dataset_config") if suffix == ".toml" else parse_json(text, path,
+                                                                                            "--dataset_config")
     if not isinstance(data, dict):
         raise LorakitError(f"{path}: expected a table/object at the top, found {_describe(data)}")
     return data
@@ -593,6 +583,10 @@ def _problem(model: type[BaseModel], key: str, error: Mapping[str, Any]) -> str:
         return f"expected one of {', '.join(INTERPOLATIONS)}, found {found}"
     if error["type"] == "finite_number":
         return f"expected a finite number, found {found}"
+    if error["type"] == "string_too_short":
+        return f"expected a non-empty string, found {found}"
+    if error["type"] == "string_pattern_mismatch":
+        return f"expected a file-name suffix without / or \\ (e.g. .txt), found {found}"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if error["type"] in bounds and key not in _EXPECTED:
         limit = next(iter(context.values()))

@@ -25,7 +25,7 @@ from lorakit.data.config import DatasetSettings, SubsetSettings, load_dataset_se
 from lorakit.data.images import IMAGE_EXTENSIONS, ImageHeader, list_images, preflight
 from lorakit.data.records import DatasetRecords, ImageRecord
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_path
+from lorakit.fileio import atomic_path, kind_of, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def discover_subset(subset: SubsetSettings, source: str = "") -> list[FoundImage
 
 
 def _image_folder(folder: Path, where: str, key: str) -> list[Path]:
-    if not folder.is_dir():
+    if kind_of(folder, f"{where}: {key}") != "folder":
         raise LorakitError(f"{where}: {key} '{folder}' not found (relative paths start at {Path.cwd()})")
     images = list_images(folder)
     if not images:
@@ -247,11 +247,7 @@ def caption_path(image: Path, extension: str) -> Path | None:
 
 def read_caption_file(path: Path, enable_wildcard: bool) -> str:
     """First line of a caption file, or all non-empty lines joined by newlines with `enable_wildcard`."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise LorakitError(f"caption file {path} is not UTF-8 text ({error.reason} at byte {error.start}): "
-                           "re-save it as UTF-8") from None
+    lines = read_text(path, "caption file").splitlines()
     if not lines:
         raise LorakitError(f"caption file {path} is empty: write a caption in it or delete it")
     if enable_wildcard:
@@ -268,7 +264,7 @@ def _read_cache_info(image_dir: Path) -> dict[str, tuple[dict[str, Any], float]]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         mtime = path.stat().st_mtime
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         logger.warning("%s cannot be read: rebuilding it", path)
         return {}
     if not isinstance(data, dict):
@@ -300,7 +296,7 @@ def _write_cache_info(subset: SubsetSettings, items: Sequence[FoundImage], heade
     try:
         if path.is_file() and json.loads(path.read_text(encoding="utf-8")) == data:
             return
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable: rewritten below
         pass
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -351,9 +347,9 @@ def _fine_tuning_subset(subset: SubsetSettings, where: str) -> list[FoundImage]:
 def read_metadata(path: Path, where: str = "") -> dict[str, dict[str, Any]]:
     """Fine-tuning metadata: JSON `{image_key: {caption, tags, image_size}}` or JSONL lines with `image_path`."""
     prefix = f"{where}: " if where else ""
-    if not path.is_file():
+    if kind_of(path, f"{prefix}metadata_file") != "file":
         raise LorakitError(f"{prefix}metadata_file '{path}' not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, f"{prefix}metadata_file")
     if path.suffix.lower() == ".jsonl":
         metadata = {}
         for number, line in enumerate(text.splitlines(), start=1):
@@ -376,6 +372,8 @@ def _json(text: str, path: Path, line: int | None) -> Any:
     except json.JSONDecodeError as error:
         where = f"line {line}" if line else f"line {error.lineno}, column {error.colno}"
         raise LorakitError(f"{path}: invalid JSON at {where}: {error.msg}") from None
+    except RecursionError:
+        raise LorakitError(f"{path}: arrays or objects nested too deeply") from None
 
 
 def metadata_caption(entry: Mapping[str, Any], separator: str, enable_wildcard: bool) -> str:
@@ -395,14 +393,10 @@ def metadata_caption(entry: Mapping[str, Any], separator: str, enable_wildcard: 
 
 def _metadata_image(key: str, image_dir: Path | None) -> Path | None:
     """The image a metadata key names: an existing path, a file in image_dir, or a stem in image_dir."""
-    direct = Path(key)
-    if direct.is_file():
-        return direct
-    if image_dir is None:
-        return None
-    if (image_dir / key).is_file():
-        return image_dir / key
-    return next((image_dir / (key + ext) for ext in IMAGE_EXTENSIONS if (image_dir / (key + ext)).is_file()), None)
+    candidates = [Path(key)]
+    if image_dir is not None:
+        candidates += [image_dir / key] + [image_dir / (key + ext) for ext in IMAGE_EXTENSIONS]
+    return next((path for path in candidates if kind_of(path, "metadata image key") == "file"), None)
 
 
 # ---------------------------------------------------------------------------------------------------- split, balance

@@ -7,7 +7,6 @@ architecture comes from the tensor shapes, so tiny test models and the real SDXL
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -18,6 +17,7 @@ import torch
 from accelerate import init_empty_weights
 
 from lorakit.errors import LorakitError
+from lorakit.fileio import parse_json, read_text
 from lorakit.models.components import ModelIdentity, Network, SDXLComponents, sdxl_networks
 from lorakit.models.detect import VAE_PREFIX, checkpoint_kind, require_sdxl, vae_prefix
 from lorakit.models.tokenizers import cached_tokenizers, load_tokenizers
@@ -224,7 +224,10 @@ def _check_diffusers_folder(folder: str) -> None:
     if not index_path.is_file():
         raise LorakitError(f"{folder} is a folder without model_index.json; expected a diffusers SDXL folder "
                            "(model_index.json, unet/, vae/, text_encoder/, text_encoder_2/) or a checkpoint file")
-    index = json.loads(index_path.read_text())
+    index = parse_json(read_text(index_path, "diffusers folder index"), index_path, "diffusers folder index")
+    if not isinstance(index, dict):
+        raise LorakitError(f"{index_path}: expected a JSON object naming the pipeline's components, found "
+                           f"{type(index).__name__}")
     pipeline = index.get("_class_name", "?")
     if "text_encoder_2" not in index:
         raise LorakitError(f"{folder} does not look like an SDXL model: its model_index.json names {pipeline} "

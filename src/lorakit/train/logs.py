@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,12 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lorakit.config import iter_flags
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from lorakit.fileio import atomic_path, parse_toml, read_text
 
 DEFAULT_TRACKER_NAME = "network_train"
 # Never logged with --log_config: secrets, and paths (they name the user's machine and files).
@@ -242,13 +236,7 @@ def _open_wandb(project: str, run_name: str | None, api_key: str | None, config:
 
 
 def _read_tracker_config(path: str) -> dict[str, dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as error:
-        raise LorakitError(f"--log_tracker_config {path}: cannot read the file ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise LorakitError(f"--log_tracker_config {path}: not valid TOML ({error})") from None
+    data = parse_toml(read_text(path, "--log_tracker_config"), path, "--log_tracker_config")
     for key, value in data.items():
         if key not in ("tensorboard", "wandb") or not isinstance(value, dict):
             raise LorakitError(f"--log_tracker_config {path}: key {key!r}; expected [tensorboard] or [wandb] tables")

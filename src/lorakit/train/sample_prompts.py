@@ -14,20 +14,15 @@ or an entry without a prompt is a LorakitError.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.fileio import parse_json, parse_toml, read_text
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +62,7 @@ class SamplePrompt:
 def load_sample_prompts(path: str | Path, default_sampler: str = "ddim") -> list[SamplePrompt]:
     """Read a prompt file; the format follows the extension (.txt, .toml, .json)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise LorakitError(f"--sample_prompts {path}: cannot read the file ({error.strerror})") from None
+    text = read_text(path, "--sample_prompts")
     return parse_sample_prompts(text, path.suffix.lower(), default_sampler, source=str(path))
 
 
@@ -121,10 +113,7 @@ def _from_table(table: Mapping[str, Any], base: SamplePrompt, where: str) -> Sam
 
 
 def _from_toml(text: str, base: SamplePrompt, source: str) -> list[SamplePrompt]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise LorakitError(f"--sample_prompts {source}: not valid TOML ({error})") from None
+    data = parse_toml(text, source, "--sample_prompts")
     table = data.get("prompt")
     subsets = table.get("subset") if isinstance(table, dict) else None
     if not isinstance(subsets, list) or not all(isinstance(s, dict) for s in subsets):
@@ -135,10 +124,7 @@ def _from_toml(text: str, base: SamplePrompt, source: str) -> list[SamplePrompt]
 
 
 def _from_json(text: str, base: SamplePrompt, source: str) -> list[SamplePrompt]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LorakitError(f"--sample_prompts {source}: not valid JSON ({error})") from None
+    data = parse_json(text, source, "--sample_prompts")
     if not isinstance(data, list):
         raise LorakitError(f"--sample_prompts {source}: expected a JSON list of prompts, found {type(data).__name__}")
     prompts = []

@@ -189,6 +189,9 @@ def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.opti
         (partial / MARKER).write_text(FORMAT + "\n")
 
 
+PROGRESS_KEYS = ("global_step", "epoch", "batches_done", "epoch_finished", "seed", "moving_average", "epoch_losses")
+
+
 def read_state(folder: str | Path) -> TrainState:
     """A complete state folder, or a one-line LorakitError saying why it cannot be resumed from."""
     folder = Path(folder)
@@ -200,18 +203,27 @@ def read_state(folder: str | Path) -> TrainState:
                                "lorakit does not load; start from its LoRA with --network_weights instead")
         raise LorakitError(f"--resume {folder}: the state is incomplete (no {MARKER} marker: its save was "
                            f"interrupted){_last_complete_hint(folder)}")
-    loaded = {}
-    for name in ("optimizer", "scheduler"):
-        tensors = load_file(folder / f"{name}.safetensors")
-        loaded[name] = decode(json.loads((folder / f"{name}.json").read_text()), tensors)
-    return TrainState(
-        network=load_file(folder / "network.safetensors"),
-        optimizer=loaded["optimizer"],
-        scheduler=loaded["scheduler"],
-        rng=[decode(r) for r in json.loads((folder / "rng.json").read_text())],
-        progress=json.loads((folder / "progress.json").read_text()),
-        scaler=decode(json.loads((folder / "scaler.json").read_text())) if (folder / "scaler.json").is_file() else {},
-    )
+    try:
+        loaded = {}
+        for name in ("optimizer", "scheduler"):
+            tensors = load_file(folder / f"{name}.safetensors")
+            loaded[name] = decode(json.loads((folder / f"{name}.json").read_text()), tensors)
+        scaler = folder / "scaler.json"
+        state = TrainState(
+            network=load_file(folder / "network.safetensors"),
+            optimizer=loaded["optimizer"],
+            scheduler=loaded["scheduler"],
+            rng=[decode(r) for r in json.loads((folder / "rng.json").read_text())],
+            progress=json.loads((folder / "progress.json").read_text()),
+            scaler=decode(json.loads(scaler.read_text())) if scaler.is_file() else {},
+        )
+        missing = [key for key in PROGRESS_KEYS if key not in state.progress]
+        if missing:
+            raise KeyError(f"progress.json lacks {', '.join(missing)}")
+    except Exception as error:  # any damage to a state's files ends here, in one line
+        raise LorakitError(f"--resume {folder}: the state is damaged ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}){_last_complete_hint(folder)}") from None
+    return state
 
 
 def complete_states(directory: Path) -> dict[Path, int]:
