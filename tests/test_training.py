@@ -18,6 +18,7 @@ from PIL import Image
 
 from lorakit.config import parse_train_args
 from lorakit.errors import LorakitError
+from lorakit.models.loading import CheckpointFile
 from lorakit.models.vae import LATENT_SCALE
 from lorakit.network.apply import apply_lora
 from lorakit.network.io import read_lora
@@ -438,14 +439,22 @@ def test_text_encoder_only_trains_no_unet_lora(tiny_single_file, one_image, tmp_
     assert metadata["ss_max_token_length"] == "150"
 
 
-def test_dry_run_prints_the_plan_and_loads_no_weights(one_image, tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_single_file, one_image, tmp_path, capsys, monkeypatch):
     dataset, _ = one_image
-    missing = tmp_path / "not-read.safetensors"  # --dry_run exits before any weights are read
-    result = run(missing, dataset, tmp_path, "--dry_run", "--max_train_epochs", "3")
+    read = []
+    monkeypatch.setattr(CheckpointFile, "_read_safetensors", lambda self, key, dtype: read.append(key))
+    result = run(tiny_single_file, dataset, tmp_path, "--dry_run", "--max_train_epochs", "3")
     assert result.final_file is None and result.global_step == 0
     out = capsys.readouterr().out
     assert "optimizer steps per epoch 1, epochs 3, total steps 3" in out and "memory estimate" in out
-    assert not list(tmp_path.glob("*.safetensors"))
+    assert out.rstrip().endswith("all inputs checked: a real run gets past set-up")
+    assert not read and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_dry_run_refuses_a_missing_model(one_image, tmp_path):
+    dataset, _ = one_image
+    with pytest.raises(LorakitError, match="not-there.safetensors: no such file or folder"):
+        run(tmp_path / "not-there.safetensors", dataset, tmp_path, "--dry_run")
 
 
 def test_full_bf16_trains_bf16_lora_weights_and_saves_them_as_float(tiny_single_file, one_image, tmp_path,
@@ -618,9 +627,9 @@ def test_skip_cache_check_reuses_a_latent_cache_whose_fingerprint_is_stale(tiny_
     assert train_once() != written  # checked: encoded again
 
 
-def test_bucket_flags_shape_the_buckets_of_a_command_line_dataset(tmp_path, capsys):
+def test_bucket_flags_shape_the_buckets_of_a_command_line_dataset(tiny_single_file, tmp_path, capsys):
     write_image_folder(tmp_path / "train" / "2_lkt", 2, ((64, 64), (128, 64)))
-    train(parse_train_args(["--pretrained_model_name_or_path", str(tmp_path / "not-read.safetensors"),
+    train(parse_train_args(["--pretrained_model_name_or_path", str(tiny_single_file),
                             "--train_data_dir", str(tmp_path / "train"), "--resolution", "64", "--enable_bucket",
                             "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
                             "--caption_extension", ".txt", "--dry_run"]))

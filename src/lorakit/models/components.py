@@ -119,3 +119,12 @@ def sdxl_networks() -> tuple[Network, ...]:
         Network("vae", "vae", vae.SGM_PREFIX, AutoencoderKL, vae.vae_config, vae.vae_config_from_sgm,
                 vae.vae_to_diffusers, vae.vae_to_sgm),
     )
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its floating weights in `dtype` (in place). diffusers' `ModelMixin.to(dtype)` warns about
+    `_keep_in_fp32_modules` even when the list is empty, as it is for SDXL's U-Net and VAE: torch's own cast does
+    the same without the noise."""
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        torch.nn.Module.to(model, dtype)
+    return model

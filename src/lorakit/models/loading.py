@@ -18,7 +18,7 @@ from accelerate import init_empty_weights
 
 from lorakit.errors import LorakitError
 from lorakit.fileio import parse_json, read_text
-from lorakit.models.components import ModelIdentity, Network, SDXLComponents, sdxl_networks
+from lorakit.models.components import ModelIdentity, Network, SDXLComponents, cast_model, sdxl_networks
 from lorakit.models.detect import VAE_PREFIX, checkpoint_kind, require_sdxl, vae_prefix
 from lorakit.models.tokenizers import cached_tokenizers, load_tokenizers
 
@@ -37,24 +37,28 @@ def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, 
     `path`: an SGM single-file checkpoint, a diffusers folder (with model_index.json) or a hub id (`org/name`, from
     the hub or its local cache). `vae`: a replacement VAE — a diffusers folder, a VAE-only single file, or a full
     checkpoint whose VAE is taken. `skip`: networks not to load now (their slots stay None), e.g. `{"unet"}`.
+
+    On the `meta` device no weight is read: the networks are built from the checkpoint's tensor names and shapes
+    (single files) or configs (folders), with every check a real load makes on them (the dry run's rehearsal).
     """
     source = os.fspath(path)
+    meta = torch.device(device).type == "meta"
     if vae is not None and not os.path.exists(vae):  # before minutes of loading the main model
         raise LorakitError(f"--vae {os.fspath(vae)}: no such file or folder; expected a VAE .safetensors file or a "
                            "diffusers VAE folder")
     networks = [n for n in sdxl_networks() if n.attribute not in skip and (vae is None or n.attribute != "vae")]
     if os.path.isdir(source):
-        modules = _load_diffusers(source, networks, dtype, local_only=True)
+        modules = _load_diffusers(source, networks, dtype, local_only=True, meta=meta)
     elif os.path.isfile(source):
-        modules = _load_single_file(source, networks, dtype)
-    elif _is_hub_id(source):
-        modules = _load_diffusers(source, networks, dtype, local_only=False)
+        modules = _load_single_file(source, networks, dtype, meta=meta)
+    elif is_hub_id(source):  # the meta rehearsal never downloads: a hub id must be in the local cache for it
+        modules = _load_diffusers(source, networks, dtype, local_only=meta, meta=meta)
     else:
         raise LorakitError(f"{source}: no such file or folder; expected an SDXL checkpoint (.safetensors or .ckpt), "
                            "a diffusers folder or a hub id like stabilityai/stable-diffusion-xl-base-1.0")
     vae_identity = None
     if vae is not None and "vae" not in skip:
-        modules["vae"] = load_vae(vae, dtype)
+        modules["vae"] = load_vae(vae, dtype, meta=meta)
         vae_identity = ModelIdentity.of(vae)
     tokenizer1, tokenizer2 = cached_tokenizers(tokenizer_cache_dir) if tokenizer_cache_dir else load_tokenizers()
     loaded = {name: module.to(device).eval() for name, module in modules.items()}
@@ -63,14 +67,15 @@ def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, 
                           identity=ModelIdentity.of(source), vae_identity=vae_identity)
 
 
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """An `AutoencoderKL` from a diffusers folder (a VAE's or a pipeline's), a VAE-only file or a full checkpoint."""
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, meta: bool = False) -> torch.nn.Module:
+    """An `AutoencoderKL` from a diffusers folder (a VAE's or a pipeline's), a VAE-only file or a full checkpoint
+    (on the meta device with `meta`, as in `load_sdxl`)."""
     source = os.fspath(path)
     network = next(n for n in sdxl_networks() if n.attribute == "vae")
     if os.path.isdir(source):
         subfolder = network.subfolder if os.path.isfile(os.path.join(source, "model_index.json")) else None
-        return _from_pretrained(network, source, subfolder, dtype, local_only=True)
-    with CheckpointFile(source) as (shapes, read):
+        return _from_pretrained(network, source, subfolder, dtype, local_only=True, meta=meta)
+    with CheckpointFile(source, meta=meta) as (shapes, read):
         prefix = vae_prefix(shapes)
         if prefix is None and any(key.startswith(VAE_PREFIX) for key in shapes):
             prefix = VAE_PREFIX
@@ -84,8 +89,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tor
 # ---------------------------------------------------------------- single files
 
 
-def _load_single_file(source: str, networks: Iterable[Network], dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    with CheckpointFile(source) as (shapes, read):
+def _load_single_file(source: str, networks: Iterable[Network], dtype: torch.dtype,
+                      meta: bool = False) -> dict[str, torch.nn.Module]:
+    with CheckpointFile(source, meta=meta) as (shapes, read):
         require_sdxl(shapes, source)
         modules = {}
         for network in networks:
@@ -100,10 +106,21 @@ def _build(network: Network, shapes: Mapping[str, tuple[int, ...]], read: Reader
            source: str) -> torch.nn.Module:
     """Build `network` on the meta device and give it the converted tensors under `prefix` as its parameters."""
     own_shapes = {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
-    config = network.config_from_sgm(own_shapes)
-    with init_empty_weights(include_buffers=False):  # buffers (CLIP's position ids) are small and not stored
-        module = network.build(config)
-    state = network.to_diffusers(LazyTensors(read, own_shapes, prefix, dtype), config)
+    try:
+        config = network.config_from_sgm(own_shapes)
+        with init_empty_weights(include_buffers=False):  # buffers (CLIP's position ids) are small and not stored
+            module = network.build(config)
+        state = network.to_diffusers(LazyTensors(read, own_shapes, prefix, dtype), config)
+    except LorakitError as error:
+        raise LorakitError(f"{source}: {network.attribute}: {error}") from None
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:  # shapes no SDXL network has
+        raise LorakitError(f"{source}: {network.attribute}: its tensor shapes do not make an SDXL "
+                           f"{network.attribute} ({type(error).__name__}: {_first_line(error)})") from None
+    expected = module.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise LorakitError(f"{source}: {network.attribute} tensor {key} has shape {tuple(tensor.shape)}; the "
+                               f"architecture the other tensors give expects {tuple(expected[key].shape)}")
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise LorakitError(f"{source}: {network.attribute} does not match its inferred architecture: "
@@ -134,23 +151,28 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 
 class CheckpointFile:
-    """An open single file: entering yields (shape of every tensor, reader); leaving releases the file mapping."""
+    """An open single file: entering yields (shape of every tensor, reader); leaving releases the file mapping.
+    With `meta` the reader gives empty meta tensors of the right shapes and reads nothing."""
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self, source: str, meta: bool = False):
+        self.source, self.meta = source, meta
 
     def __enter__(self) -> tuple[dict[str, tuple[int, ...]], Reader]:
         if self.source.lower().endswith(PICKLE_SUFFIXES):
             self._state = load_torch_tensors(self.source)
             shapes = {key: tuple(tensor.shape) for key, tensor in self._state.items()}
-            return shapes, lambda key, dtype: _cast(self._state[key], dtype, copy=True)
-        self._file = _safe_open(self.source)
-        try:
-            shapes = {key: tuple(self._file.get_slice(key).get_shape()) for key in self._file.keys()}
-        except Exception as error:
-            self._file.__exit__(None, None, None)
-            raise LorakitError(f"{self.source}: unreadable .safetensors header ({_first_line(error)})") from error
-        return shapes, self._read_safetensors
+            read = lambda key, dtype: _cast(self._state[key], dtype, copy=True)  # noqa: E731
+        else:
+            self._file = _safe_open(self.source)
+            try:
+                shapes = {key: tuple(self._file.get_slice(key).get_shape()) for key in self._file.keys()}
+            except Exception as error:
+                self._file.__exit__(None, None, None)
+                raise LorakitError(f"{self.source}: unreadable .safetensors header ({_first_line(error)})") from error
+            read = self._read_safetensors
+        if self.meta:
+            return shapes, lambda key, dtype: torch.empty(shapes[key], dtype=dtype, device="meta")
+        return shapes, read
 
     def _read_safetensors(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         try:
@@ -212,11 +234,11 @@ def load_torch_tensors(source: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- diffusers folders and hub ids
 
 
-def _load_diffusers(source: str, networks: Iterable[Network], dtype: torch.dtype,
-                    local_only: bool) -> dict[str, torch.nn.Module]:
+def _load_diffusers(source: str, networks: Iterable[Network], dtype: torch.dtype, local_only: bool,
+                    meta: bool = False) -> dict[str, torch.nn.Module]:
     if local_only:
         _check_diffusers_folder(source)
-    return {n.attribute: _from_pretrained(n, source, n.subfolder, dtype, local_only) for n in networks}
+    return {n.attribute: _from_pretrained(n, source, n.subfolder, dtype, local_only, meta) for n in networks}
 
 
 def _check_diffusers_folder(folder: str) -> None:
@@ -235,19 +257,50 @@ def _check_diffusers_folder(folder: str) -> None:
 
 
 def _from_pretrained(network: Network, source: str, subfolder: str | None, dtype: torch.dtype,
-                     local_only: bool) -> torch.nn.Module:
+                     local_only: bool, meta: bool = False) -> torch.nn.Module:
     dtype_argument = "torch_dtype" if network.is_diffusers else "dtype"
     where = f"{source}/{subfolder}" if subfolder else source
     try:
+        if meta:
+            return cast_model(_from_config_on_meta(network, source, subfolder, local_only), dtype)
         return network.model_class.from_pretrained(source, subfolder=subfolder, local_files_only=local_only,
                                                     **{dtype_argument: dtype})
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
         hint = "" if local_only else " (not in the local Hugging Face cache and the hub is unreachable?)"
         raise LorakitError(f"cannot load {network.model_class.__name__} from {where}{hint}: "
                            f"{_first_line(error)}") from error
 
 
-def _is_hub_id(source: str) -> bool:
+def _from_config_on_meta(network: Network, source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
+    """The model a folder's config.json describes, built on the meta device (no weights read)."""
+    if network.is_diffusers:
+        config = network.model_class.load_config(source, subfolder=subfolder, local_files_only=local_only)
+        with init_empty_weights():
+            return network.model_class.from_config(config)
+    config = network.model_class.config_class.from_pretrained(source, subfolder=subfolder,
+                                                              local_files_only=local_only)
+    with init_empty_weights():
+        return network.model_class(config)
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A hub id that is not in the local cache: raise one line unless the hub can be asked and has the model
+    (what loading it would then download)."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    what = f"{repo_id} is not a local file or folder, nor a model in the local Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise LorakitError(f"{what}, and HF_HUB_OFFLINE forbids downloading it")
+    try:
+        model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        raise LorakitError(f"{what}, and the hub has no such model (a mistyped path?)") from None
+    except Exception as error:  # noqa: BLE001 - any network failure: the model cannot be had
+        raise LorakitError(f"{what}, and the hub cannot be reached to download it ({_first_line(error)})") from None
+
+
+def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.fullmatch(source)) and not source.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
-from lorakit.network.io import file_ranks, read_lora
+from lorakit.network.io import check_shapes, file_ranks, read_lora
 from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.targets import diffusers_to_sgm_names
 
@@ -52,7 +52,7 @@ def network_from_file(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
 
     `kwargs` go to `build_network` (dropout, network_args for block LR weights, train_unet, ...).
     """
-    ranks = file_ranks(state)
+    ranks = file_ranks(state, path)
     network = build_network(unet, [m for m in text_encoders if m is not None], ranks=ranks, **kwargs)
     if not network.loras and ranks:
         raise LorakitError(f"{path}: none of its {len(ranks)} LoRA modules matches an SDXL layer (first "
@@ -63,14 +63,23 @@ def network_from_file(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     return network
 
 
-def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float) -> LoRANetwork:
+def file_network(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> tuple[LoRANetwork, dict]:
+    """The network a LoRA file describes on `target`'s models, and the file's tensors for it (shapes checked, not
+    loaded: the models may live on the meta device)."""
     unet, te1, te2 = sdxl_models(target)
     state, _ = read_lora(path)
     if unet is not None:
         state = to_sgm_names(state, unet)
     network = network_from_file(unet, [te1, te2], state, path, multiplier=multiplier)
-    own = network.state_dict().keys()
-    network.load_state_dict({key: value for key, value in state.items() if key in own}, strict=False)
+    fitting = {key: value for key, value in network.state_dict().items() if key in state}
+    check_shapes(path, fitting, state, "is it a LoRA for another architecture?")
+    return network, {key: state[key] for key in fitting}
+
+
+def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float) -> LoRANetwork:
+    network, state = file_network(target, path, multiplier)
+    unet, te1, te2 = sdxl_models(target)
+    network.load_state_dict(state, strict=False)
     reference = next((m for m in (unet, te1, te2) if m is not None))
     parameter = next(reference.parameters())
     network.to(parameter.device)

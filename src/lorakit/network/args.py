@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+from lorakit.config.train_config import MAX_RANK
 from lorakit.errors import LorakitError
 from lorakit.network.targets import NUM_BLOCKS
 
@@ -126,16 +127,22 @@ def parse_network_args(values: Mapping[str, str] | None) -> NetworkArgs:
     return NetworkArgs(**fields)
 
 
-def _number(key: str, text: str, kind: type) -> int | float:
+def _number(key: str, text: str, kind: type, low: float = 0, high: float = math.inf) -> int | float:
+    """An integer or a finite float from `low` to `high` (every value of these arguments is a size, a ratio or a
+    weight: none is negative)."""
+    bounds = f"of at least {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+    expected = f"{'an integer' if kind is int else 'a number'} {bounds}"
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise LorakitError(f"--network_args {key}={text!r}: expected {'an integer' if kind is int else 'a number'}") \
-            from None
+        raise LorakitError(f"--network_args {key}={text!r}: expected {expected}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise LorakitError(f"--network_args {key}={text!r}: expected {expected}")
+    return value
 
 
-def _int(key: str, text: str) -> int:
-    return _number(key, text, int)
+def _rank(key: str, text: str) -> int:
+    return _number(key, text, int, 1, MAX_RANK)
 
 
 def _float(key: str, text: str) -> float:
@@ -150,12 +157,13 @@ def _fraction(key: str, text: str) -> float:
 
 
 def _block_list(kind: type):
+    """One value per block; a rank of 0 means no module in that block."""
     def parse(key: str, text: str) -> tuple:
         items = text.split(",")
         if len(items) != NUM_BLOCKS:
             raise LorakitError(f"--network_args {key}: expected {NUM_BLOCKS} comma-separated values (one per SDXL "
                                f"block: embedding, 9 input, 3 middle, 9 output, out), got {len(items)}")
-        return tuple(_number(key, item.strip(), kind) for item in items)
+        return tuple(_number(key, item.strip(), kind, 0, MAX_RANK if kind is int else math.inf) for item in items)
     return parse
 
 
@@ -196,7 +204,7 @@ def lr_weight_preset(name: str, base: float, count: int = NUM_IN_OUT_BLOCKS) -> 
 
 
 _PARSERS = {
-    "conv_dim": _int,
+    "conv_dim": _rank,
     "conv_alpha": _float,
     "block_dims": _block_list(int),
     "block_alphas": _block_list(float),

@@ -160,13 +160,19 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
         raise LorakitError(f"{path}: cannot read as a LoRA file ({type(error).__name__}: {error})") from None
 
 
-def file_ranks(state: Mapping[str, Tensor]) -> dict[str, tuple[int, float]]:
+def file_ranks(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, tuple[int, float]]:
     """lora_name -> (rank, alpha) from a LoRA tensor dict; alpha defaults to the rank (old files)."""
     ranks = {}
     for key, value in state.items():
         name, _, rest = key.partition(".")
         if rest == "lora_down.weight":
+            if value.dim() not in (2, 4):
+                raise LorakitError(f"{source}: tensor {key} has shape {tuple(value.shape)}; a lora_down weight is "
+                                   "2-D (Linear) or 4-D (Conv2d)")
             alpha = state.get(f"{name}.alpha")
+            if alpha is not None and alpha.numel() != 1:
+                raise LorakitError(f"{source}: tensor {name}.alpha has shape {tuple(alpha.shape)}; expected one "
+                                   "number")
             ranks[name] = (value.shape[0], float(alpha) if alpha is not None else float(value.shape[0]))
     return ranks
 
@@ -186,6 +192,24 @@ def load_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module
     Diffusers-style U-Net names are converted when `unet` is given. Where the file's alpha differs from the
     network's, the file's alpha is used for training and saving (one info line).
     """
+    state, report = match_network_weights(network, path, unet)
+    own = network.state_dict()
+    report.alpha_changed = [key for key in sorted(state) if key.endswith(".alpha")
+                            and float(own[key]) != float(state[key])]
+    network.load_state_dict(state, strict=False)
+    if report.alpha_changed:
+        logger.info("%s: %d modules have another alpha than --network_alpha; training and saving with the file's",
+                    path, len(report.alpha_changed))
+    if report.missing or report.unexpected:
+        logger.warning("%s: %d tensors missing from the file (kept as initialised), %d unused", path,
+                       len(report.missing), len(report.unexpected))
+    return report
+
+
+def match_network_weights(network, path: str | os.PathLike,
+                          unet: torch.nn.Module | None = None) -> tuple[dict[str, Tensor], LoadReport]:
+    """The tensors of a LoRA file that fit `network` (names converted as for loading), after checking that every
+    one of them has the network's shape; nothing is loaded (the network may live on the meta device)."""
     from lorakit.network.apply import to_sgm_names
 
     state, _ = read_lora(path)
@@ -197,18 +221,22 @@ def load_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module
     if not matched:
         raise LorakitError(f"{path}: none of its {len(state)} tensors matches this SDXL LoRA network "
                            f"(first key {next(iter(state), 'none')!r}); is it a LoRA for another architecture?")
-    for key in sorted(matched):
-        if tuple(own[key].shape) != tuple(state[key].shape):
-            raise LorakitError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, the network expects "
-                               f"{tuple(own[key].shape)}; pass --dim_from_weights to take ranks from the file, "
-                               "or the file is for another architecture")
-    report.alpha_changed = [key for key in sorted(matched) if key.endswith(".alpha")
-                            and float(own[key]) != float(state[key])]
-    network.load_state_dict({key: state[key] for key in matched}, strict=False)
-    if report.alpha_changed:
-        logger.info("%s: %d modules have another alpha than --network_alpha; training and saving with the file's",
-                    path, len(report.alpha_changed))
-    if report.missing or report.unexpected:
-        logger.warning("%s: %d tensors missing from the file (kept as initialised), %d unused", path,
-                       len(report.missing), len(report.unexpected))
-    return report
+    check_shapes(path, {key: own[key] for key in matched}, state,
+                 "pass --dim_from_weights to take ranks from the file, or the file is for another architecture")
+    return {key: state[key] for key in sorted(matched)}, report
+
+
+def check_shapes(path: str | os.PathLike, expected: Mapping[str, Tensor], found: Mapping[str, Tensor],
+                 hint: str) -> None:
+    """One line naming the first tensor of a LoRA file whose shape does not fit, or that holds no finite
+    floating-point numbers."""
+    for key in sorted(expected):
+        tensor = found[key]
+        if not tensor.is_floating_point():
+            raise LorakitError(f"{path}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')}; expected "
+                               "floating-point weights")
+        if not torch.isfinite(tensor).all():
+            raise LorakitError(f"{path}: tensor {key} holds NaN or infinite values; the file is damaged")
+        if tuple(expected[key].shape) != tuple(tensor.shape):
+            raise LorakitError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the network expects "
+                               f"{tuple(expected[key].shape)}; {hint}")

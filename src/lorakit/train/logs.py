@@ -14,6 +14,7 @@ the global step.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import time
@@ -194,6 +195,16 @@ class TrainingLog:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def check_logging(config: Any) -> None:
+    """What `TrainingLog.from_config` would refuse, found before any weights load: the trackers, wandb being
+    installed, the --log_tracker_config file."""
+    trackers = _trackers(config.log_with, config.logging_dir)
+    if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
+        raise LorakitError("--log_with wandb: wandb is not installed; install it with pip install 'lorakit[wandb]'")
+    if config.log_tracker_config:
+        _read_tracker_config(config.log_tracker_config)
 
 
 def _trackers(log_with: str | None, logging_dir: str | Path | None) -> set[str]:

@@ -3,7 +3,9 @@ each save adds only what changes (finish time, steps, epoch)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ from pathlib import Path
 from lorakit.config import TrainConfig
 from lorakit.data.buckets import aspect_ratio_error
 from lorakit.data.dataset import TrainingData
+from lorakit.errors import LorakitError
+from lorakit.fileio import kind_of
 from lorakit.models.components import ModelIdentity
 from lorakit.network.io import build_modelspec
 
@@ -58,10 +62,23 @@ def run_metadata(config: TrainConfig, facts: RunFacts, data: TrainingData, model
         timestep_range=(config.min_timestep, config.max_timestep), clip_skip=config.clip_skip,
         author=config.metadata_author, description=config.metadata_description, license=config.metadata_license,
         tags=config.metadata_tags, merged_from=config.metadata_merged_from, usage_hint=config.metadata_usage_hint,
-        thumbnail=config.metadata_thumbnail, trigger_phrase=config.metadata_trigger_phrase,
+        thumbnail=thumbnail_url(config.metadata_thumbnail), trigger_phrase=config.metadata_trigger_phrase,
         preprocessor=config.metadata_preprocessor, is_negative_embedding=config.metadata_is_negative_embedding,
     )
     return {key: str(value) for key, value in metadata.items()} | spec
+
+
+def thumbnail_url(value: str | None) -> str | None:
+    """--metadata_thumbnail: a `data:` URL as given, an image file as a `data:` URL of its bytes (as sd-scripts)."""
+    if value is None or value.startswith("data:"):
+        return value
+    if kind_of(value, "--metadata_thumbnail") != "file":
+        raise LorakitError(f"--metadata_thumbnail {value}: no such file; expected an image file or a data: URL")
+    mime = mimetypes.guess_type(value)[0] or ""
+    if not mime.startswith("image/"):
+        raise LorakitError(f"--metadata_thumbnail {value}: expected an image file (.png, .jpg, .webp) or a data: URL")
+    data = base64.b64encode(Path(value).read_bytes()).decode("ascii")
+    return f"data:{mime};base64,{data}"
 
 
 def save_metadata(shared: dict[str, str], *, steps: int, epoch: int, no_metadata: bool) -> dict[str, str]:

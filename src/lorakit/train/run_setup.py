@@ -1,12 +1,11 @@
 """Set-up pieces of a run that read the flags: the accelerator, attention, fp8 base weights, the network (or a
-plug-in's) with its weights and groups, and the `--dry_run` memory estimate."""
+plug-in's) with its weights and groups."""
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
 import logging
-import math
 import os
 
 import torch
@@ -90,21 +89,8 @@ def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: 
 def make_network(config: TrainConfig, components, unet, text_encoders, vae, train_unet: bool,
                  train_text_encoder: bool):
     """Build the network (or the plug-in's), attach it, load --network_weights; returns it and its alpha."""
-    module = config.network_module or LORAKIT_MODULE
-    args = network_args_dict(config)
     live_encoders = [t for t in text_encoders if t is not None]
-    if config.dim_from_weights:
-        if not config.network_weights:
-            raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
-        state, _ = read_lora(config.network_weights)
-        network = network_from_file(unet, live_encoders, to_sgm_names(state, unet), config.network_weights,
-                                    network_args=args, dropout=config.network_dropout, train_unet=train_unet,
-                                    train_text_encoder=train_text_encoder)
-    else:
-        network = create_network(module, unet=unet, text_encoders=live_encoders, vae=vae,
-                                  network_dim=config.network_dim, network_alpha=config.network_alpha,
-                                  dropout=config.network_dropout, network_args=args,
-                                  train_unet=train_unet, train_text_encoder=train_text_encoder)
+    network = new_network(config, unet, live_encoders, vae, train_unet, train_text_encoder)
     if isinstance(network, LoRANetwork):
         network.attach()
     else:
@@ -123,6 +109,23 @@ def make_network(config: TrainConfig, components, unet, text_encoders, vae, trai
     alphas = {float(lora.alpha) for lora in getattr(network, "loras", [])}
     network_alpha = alphas.pop() if len(alphas) == 1 else (config.network_alpha or 0.0)
     return network, network_alpha
+
+
+def new_network(config: TrainConfig, unet, text_encoders, vae, train_unet: bool, train_text_encoder: bool):
+    """The network --network_module names, with ranks from the flags or --dim_from_weights; neither attached nor
+    loaded (the dry run builds it on the meta device)."""
+    args = network_args_dict(config)
+    if config.dim_from_weights:
+        if not config.network_weights:
+            raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
+        state, _ = read_lora(config.network_weights)
+        return network_from_file(unet, text_encoders, to_sgm_names(state, unet), config.network_weights,
+                                 network_args=args, dropout=config.network_dropout, train_unet=train_unet,
+                                 train_text_encoder=train_text_encoder)
+    return create_network(config.network_module or LORAKIT_MODULE, unet=unet, text_encoders=text_encoders, vae=vae,
+                          network_dim=config.network_dim, network_alpha=config.network_alpha,
+                          dropout=config.network_dropout, network_args=args, train_unet=train_unet,
+                          train_text_encoder=train_text_encoder)
 
 
 def plugin_groups(network, config: TrainConfig) -> list[dict]:
@@ -146,32 +149,3 @@ def network_args_dict(config: TrainConfig) -> dict[str, str] | None:
 def base_weight_multipliers(config: TrainConfig) -> list[float]:
     given = list(config.base_weights_multiplier or ())
     return given + [1.0] * (len(config.base_weights or ()) - len(given))
-
-
-
-
-def memory_estimate(config: TrainConfig) -> str:
-    """A rough peak-memory figure for --dry_run, from the checkpoint's tensor shapes (no weights are read)."""
-    path = config.pretrained_model_name_or_path
-    if not path or not os.path.isfile(path) or not path.endswith(".safetensors"):
-        return "memory estimate: needs a single-file .safetensors checkpoint"
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        counts = {}
-        for key in f.keys():
-            part = key.split(".")[0] if not key.startswith("conditioner") else ".".join(key.split(".")[:3])
-            counts[part] = counts.get(part, 0) + math.prod(f.get_slice(key).get_shape())
-    weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
-    unet = counts.get("model", 0) * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
-    text = sum(v for k, v in counts.items() if k.startswith("conditioner")) * weight_bytes
-    vae = counts.get("first_stage_model", 0) * (4 if config.no_half_vae else weight_bytes)
-    if config.cache_text_encoder_outputs:
-        text = 0
-    if config.cache_latents:
-        vae = 0
-    gib = (unet + text + vae) / 2**30
-    return (f"memory estimate: about {gib:.1f} GiB of frozen weights resident during training "
-            f"(U-Net {unet / 2**30:.1f}, text encoders {text / 2**30:.1f}, VAE {vae / 2**30:.1f}), plus activations")
-
-

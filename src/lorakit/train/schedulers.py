@@ -6,7 +6,6 @@ processes: total = max_train_steps × num_processes, because accelerate steps th
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from transformers import optimization as hf
 
 from lorakit.errors import LorakitError
-from lorakit.train.optimizers import parse_kwargs
+from lorakit.train.optimizers import import_attribute, parse_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,8 @@ def _no_warmup(scheduler: LRScheduler, warmup_steps: int, what: str) -> LRSchedu
 
 def _custom_scheduler(optimizer: torch.optim.Optimizer, scheduler_type: str, kwargs: dict[str, Any]) -> LRScheduler:
     module_name, dot, class_name = scheduler_type.rpartition(".")
-    module = importlib.import_module(module_name) if dot else torch.optim.lr_scheduler
-    scheduler_class = getattr(module, class_name, None)
-    if scheduler_class is None:
-        raise LorakitError(f"--lr_scheduler_type {scheduler_type}: no such scheduler class in {module.__name__}")
+    scheduler_class = import_attribute(module_name if dot else "torch.optim.lr_scheduler", class_name,
+                                       "--lr_scheduler_type", scheduler_type)
     try:
         return scheduler_class(optimizer, **kwargs)
     except TypeError as error:

@@ -26,6 +26,7 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - Ctrl-C / SIGTERM: the step in progress is finished, then `{name}-step{N:08d}.safetensors` and its `-state`
   folder are saved (ordinary step-checkpoint names, so rotation and --resume treat them like any other) and the
   resume command printed; exit status 130 (`lorakit.train.interrupt`).
+- checks: every input is checked before any weight is read (`lorakit.train.preflight`); `--dry_run` stops there.
 - start-up summary (main process): datasets and buckets, steps per epoch and in total, trainable parameters and
   learning rate per optimizer group, dtype and device of each model (or "released" / "on CPU until sampling").
 - logs and looks: the reference's TensorBoard/wandb keys, `{output_name or "last"}_curves.png` (loss and LR curves)
@@ -64,7 +65,7 @@ from lorakit.data.text_cache import (TextCache, TextItem, cache_text_encoder_out
                                      check_text_caching_allowed)
 from lorakit.errors import LorakitError
 from lorakit.models import load_sdxl
-from lorakit.models.components import SDXLComponents
+from lorakit.models.components import SDXLComponents, cast_model
 from lorakit.models.loading import load_vae
 from lorakit.models.vae import LATENT_SCALE
 from lorakit.network.apply import merge_lora
@@ -80,9 +81,9 @@ from lorakit.train.noise import NoiseOptions, noise_schedule
 from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
 from lorakit.train.processes import all_reduce_sum, average_gradients, stop_requested
 from lorakit.train.resume import RunProgress, advance_scheduler, restore, run_seed, start_position
+from lorakit.train.preflight import preflight
 from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator, make_network,
-                                     memory_estimate, network_args_dict, plugin_groups, release_freed_memory,
-                                     store_base_weights)
+                                     network_args_dict, plugin_groups, release_freed_memory, store_base_weights)
 from lorakit.train.sample_prompts import SamplePrompt, load_sample_prompts
 from lorakit.train.sampling import generate_samples, should_sample
 from lorakit.train.saving import Checkpointer
@@ -138,12 +139,13 @@ def train(config: TrainConfig) -> TrainResult:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     plan = StepPlan.of(len(data), world, config.gradient_accumulation_steps, config.max_train_steps,
                        config.max_train_epochs)
+    checked = preflight(config, plan.max_train_steps, accelerator.device)
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
               f"{plan.steps_per_epoch}, epochs {plan.num_epochs}, total steps {plan.max_train_steps}")
     if config.dry_run:
-        print(memory_estimate(config))
+        print("\n".join(checked.lines + ["all inputs checked: a real run gets past set-up"]))
         return TrainResult(None, 0, [])
 
     # ------------------------------------------------------------------ models, caches, network, optimizer
@@ -389,7 +391,7 @@ def load_models(config: TrainConfig, device: torch.device) -> Models:
                            tokenizer_cache_dir=config.tokenizer_cache_dir, skip=skip)
     if fp32_vae:
         components.vae = load_vae(vae_source, torch.float32)
-    vae = components.vae.to(torch.float32 if config.no_half_vae else weight_dtype)
+    vae = cast_model(components.vae, torch.float32 if config.no_half_vae else weight_dtype)
     models = Models(components, components.unet, vae, [components.text_encoder1, components.text_encoder2],
                     weight_dtype, device)
     for model in (models.vae, *models.text_encoders):

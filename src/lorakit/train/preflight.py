@@ -1,0 +1,302 @@
+"""The checks every run makes before any weight is read; `--dry_run` prints what they found and stops.
+
+Each input is checked the way the run will use it, so "all inputs checked" means a real run gets past set-up:
+- paths: the kind of each input a flag names (file or folder), outputs in folders that can be written, file
+  names the system accepts;
+- the model: built on the meta device from the checkpoint's tensor names and shapes (folders: from their
+  configs), and `--vae` the same way (`load_sdxl(device="meta")`);
+- the network on that model: `--network_module`, `--network_args`, `--dim_from_weights`, the names, shapes and
+  values of `--network_weights` and `--base_weights`, and its size against the device's memory;
+- the optimizer and the LR schedule: built over stand-ins of the network's parameter groups on the training
+  device and stepped once; the schedule's learning rates are finite from the first step to the last;
+- logging (`--log_with`, `--log_tracker_config`) and `--metadata_thumbnail`;
+- the CPU: bf16 on a CPU without native bf16 is measured and said in one warning line.
+The datasets (every image decoded), `--resume` and `--sample_prompts` are read before this, by the run itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.config import TrainConfig
+from lorakit.errors import LorakitError
+from lorakit.fileio import kind_of
+from lorakit.models import load_sdxl
+from lorakit.models.components import SDXLComponents
+from lorakit.models.loading import check_hub_model, is_hub_id
+from lorakit.network.apply import file_network
+from lorakit.network.io import match_network_weights
+from lorakit.network.network import LoRANetwork
+from lorakit.network.plugins import LORAKIT_MODULE, import_network_module
+from lorakit.train.logs import check_logging
+from lorakit.train.metadata import thumbnail_url
+from lorakit.train.optimizers import build_optimizer
+from lorakit.train.run_setup import base_weight_multipliers, new_network
+from lorakit.train.schedulers import build_scheduler
+
+logger = logging.getLogger("lorakit")
+
+GIB = 2**30
+NAME_MAX = 255  # bytes of one file-name component on Linux, macOS and Windows file systems
+LONGEST_SUFFIX = "-step00000000-state.safetensors.tmp-4194304"  # the longest name a save derives from output_name
+SLOW_BF16 = 0.5  # bf16 matrix products at less than half the fp32 rate: the CPU has no native bf16
+
+
+@dataclass
+class Preflight:
+    """What the checks found, for the dry run's report."""
+
+    lines: list[str]
+
+
+def preflight(config: TrainConfig, max_train_steps: int, device: torch.device) -> Preflight:
+    check_input_paths(config)
+    check_output_paths(config)
+    check_logging(config)
+    thumbnail_url(config.metadata_thumbnail)
+    lines = []
+    model = rehearse_model(config)
+    if model is None:
+        lines.append(f"model: {config.pretrained_model_name_or_path} is on the hub, not in the local cache: it is "
+                     "downloaded when the run starts, so its shapes and the network on it are not checked here")
+        groups = [{"name": "network", "lr": config.learning_rate}]
+    else:
+        network = rehearse_network(config, model)
+        lines.append(memory_estimate(config, model, network))
+        groups = network_groups(config, network)
+    rehearse_optimization(config, groups, max_train_steps, device)
+    lines.append(cpu_precision(config, device))
+    return Preflight([line for line in lines if line])
+
+
+# ---------------------------------------------------------------------------------------------------- paths
+
+
+def check_input_paths(config: TrainConfig) -> None:
+    if config.vae is not None and kind_of(config.vae, "--vae") not in ("file", "folder"):
+        raise LorakitError(f"--vae {config.vae}: no such file or folder; expected a VAE .safetensors file or a "
+                           "diffusers VAE folder")
+    files = [("--network_weights", config.network_weights)] + [("--base_weights", p) for p in config.base_weights or ()]
+    for flag, path in files:
+        if path is not None and kind_of(path, flag) != "file":
+            raise LorakitError(f"{flag} {path}: no such file; expected a LoRA .safetensors file")
+
+
+def check_output_paths(config: TrainConfig) -> None:
+    """Output folders that exist are folders the run may write in, or can be made; saved names fit the system."""
+    for flag, path in (("--output_dir", config.output_dir or "."), ("--logging_dir", config.logging_dir),
+                       ("--tokenizer_cache_dir", config.tokenizer_cache_dir)):
+        if path is not None:
+            writable_folder(path, flag)
+    name = config.output_name or "last"
+    for part in Path(name).parts:
+        if len(os.fsencode(part + LONGEST_SUFFIX)) > NAME_MAX:
+            raise LorakitError(f"--output_name {name[:60]}...: {len(os.fsencode(name))} bytes; the files saved "
+                               f"under it would exceed the {NAME_MAX}-byte limit of a file name: shorten it")
+
+
+def writable_folder(path: str, flag: str) -> None:
+    """`path` is a folder the run can write in, or can be created: its nearest existing parent is such a folder."""
+    current = Path(path).absolute()
+    while True:
+        kind = kind_of(current, flag)
+        if kind is not None:
+            break
+        current = current.parent
+    if kind != "folder":
+        what = "is a file" if current == Path(path).absolute() else f"is inside {current}, which is a file"
+        raise LorakitError(f"{flag} {path} {what}; expected a folder")
+    if not os.access(current, os.W_OK | os.X_OK):
+        where = "" if current == Path(path).absolute() else f" (its nearest existing folder {current})"
+        raise LorakitError(f"{flag} {path}{where}: no permission to write there")
+
+
+# ---------------------------------------------------------------------------------------------------- rehearsals
+
+
+def rehearse_model(config: TrainConfig) -> SDXLComponents | None:
+    """The model on the meta device, or None for a hub id that is not in the local cache (checked at load)."""
+    source = config.pretrained_model_name_or_path
+    local = kind_of(source, "--pretrained_model_name_or_path") is not None
+    try:
+        return load_sdxl(source, vae=config.vae, dtype=torch.float32, device="meta",
+                         tokenizer_cache_dir=config.tokenizer_cache_dir)
+    except LorakitError:
+        if local or not is_hub_id(source):
+            raise
+    check_hub_model(source)
+    return None
+
+
+def rehearse_network(config: TrainConfig, model: SDXLComponents):
+    """The run's network built on the meta model, with every LoRA file it reads checked against it."""
+    train_unet = not config.network_train_text_encoder_only
+    train_text_encoder = not config.network_train_unet_only
+    if (config.network_module or LORAKIT_MODULE) != LORAKIT_MODULE:
+        return import_network_module(config.network_module)  # a plug-in builds its own network at set-up
+    encoders = [model.text_encoder1, model.text_encoder2] if train_text_encoder else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on copying into meta tensors
+        network = new_network(config, model.unet, encoders, None, train_unet, train_text_encoder)
+        if config.network_weights:
+            match_network_weights(network, config.network_weights, model.unet)
+        for path, multiplier in zip(config.base_weights or (), base_weight_multipliers(config)):
+            file_network(model, path, multiplier)
+    if not network.loras:
+        raise LorakitError("the network has no LoRA modules: nothing to train (check --network_args and "
+                           "--network_train_*_only)")
+    return network
+
+
+def network_groups(config: TrainConfig, network) -> list[dict]:
+    """The optimizer groups the run will build, without their tensors (names and learning rates)."""
+    if not isinstance(network, LoRANetwork):
+        return [{"name": "network", "lr": config.learning_rate}]
+    groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
+                                      config.learning_rate)
+    if not groups:
+        raise LorakitError("every learning rate is 0 (--learning_rate, --unet_lr, --text_encoder_lr*): nothing "
+                           "would train")
+    return [{key: value for key, value in group.items() if key != "params"} for group in groups]
+
+
+def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_steps: int,
+                          device: torch.device) -> None:
+    """Build --optimizer_type with --optimizer_args over stand-in tensors, step it once, and build the LR schedule
+    the run will use; what the libraries refuse becomes one line naming the flags."""
+    stand_ins = [{**group, "params": [torch.zeros(8, device=device, requires_grad=True)]} for group in groups]
+    what = f"--optimizer_type {config.optimizer_type}" + (
+        f" --optimizer_args {' '.join(config.optimizer_args)}" if config.optimizer_args else "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _refusal(what):
+            built = build_optimizer(config.optimizer_type, stand_ins, config.learning_rate, config.optimizer_args,
+                                    lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
+            for group in built.optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = torch.full_like(param, 1e-3)
+            built.optimizer.step()
+        schedule = config.lr_scheduler_type or built.lr_scheduler or config.lr_scheduler
+        with _refusal(f"--lr_scheduler {schedule}" + (f" --lr_scheduler_args {' '.join(config.lr_scheduler_args)}"
+                                                      if config.lr_scheduler_args else "")):
+            scheduler = build_scheduler(
+                built.optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=max_train_steps,
+                warmup_steps=config.lr_warmup_steps, decay_steps=config.lr_decay_steps,
+                num_cycles=config.lr_scheduler_num_cycles, power=config.lr_scheduler_power,
+                timescale=config.lr_scheduler_timescale, min_lr_ratio=config.lr_scheduler_min_lr_ratio,
+                scheduler_type=config.lr_scheduler_type, scheduler_args=config.lr_scheduler_args,
+                schedule_free=built.schedule_free)
+            _check_learning_rates(scheduler, max_train_steps, schedule)
+
+
+def _check_learning_rates(scheduler, max_train_steps: int, schedule: str) -> None:
+    """The schedule's learning rates at its first steps, its middle and its end are finite and not negative (a
+    LambdaLR is evaluated at those steps; another scheduler is stepped a few times)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    bases = scheduler.base_lrs
+    if lambdas is not None:
+        steps = sorted({0, 1, 2, max_train_steps // 2, max(max_train_steps - 1, 0), max_train_steps})
+        found = [(step, (base or 0.0) * function(step)) for step in steps for base, function in zip(bases, lambdas)]
+    else:
+        found = []
+        for step in range(min(max_train_steps, 3)):
+            found += [(step, lr) for lr in scheduler.get_last_lr()]
+            scheduler.optimizer.step()
+            scheduler.step()
+    for step, lr in found:
+        if lr is None:
+            continue
+        if not (math.isfinite(lr) and lr >= 0):
+            raise LorakitError(f"--lr_scheduler {schedule} gives the learning rate {lr} at step {step}: check the "
+                               "--lr_* values")
+
+
+class _refusal:
+    """Turns what a library raises for the user's settings into one LorakitError naming the flags."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None or isinstance(error, LorakitError) or not isinstance(error, Exception):
+            return False
+        text = str(error).strip().splitlines()
+        raise LorakitError(f"{self.what}: refused ({type(error).__name__}: {text[0] if text else ''})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- estimates
+
+
+def memory_estimate(config: TrainConfig, model: SDXLComponents, network) -> str:
+    """Resident memory during training from the model's parameter counts: frozen weights in their dtypes (a
+    released model counts 0) and the LoRA with its gradients and optimizer state; activations come on top.
+    Refuses a network that alone would not fit the device."""
+    weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
+    counts = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0
+              for name, module in model.networks().items()}
+    unet = counts["unet"] * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
+    text = 0 if config.cache_text_encoder_outputs else (counts["text_encoder1"] + counts["text_encoder2"]) * (
+        1 if config.fp8_base else weight_bytes)
+    vae = 0 if config.cache_latents else counts["vae"] * (4 if config.no_half_vae else weight_bytes)
+    lora_parameters = sum(p.numel() for p in network.parameters()) if isinstance(network, LoRANetwork) else 0
+    lora = lora_parameters * ((2 if config.full_bf16 or config.full_fp16 else 4) * 2 + 8)  # weights, grads, 2 states
+    available = device_memory()
+    if lora > available:
+        raise LorakitError(f"the LoRA network would have {lora_parameters:,} parameters ({lora / GIB:.1f} GiB with "
+                           f"gradients and optimizer state), more than the {available / GIB:.1f} GiB of this "
+                           "machine: lower --network_dim (or conv_dim in --network_args)")
+    total = (unet + text + vae + lora) / GIB
+    return (f"memory estimate: about {total:.1f} GiB resident during training (U-Net {unet / GIB:.1f}, text "
+            f"encoders {text / GIB:.1f}, VAE {vae / GIB:.1f}, LoRA {lora_parameters:,} parameters with gradients "
+            f"and optimizer state {lora / GIB:.2f}), plus activations")
+
+
+def device_memory() -> int:
+    """Bytes of memory of the training device: the GPU's, else the machine's."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def cpu_precision(config: TrainConfig, device: torch.device) -> str:
+    """On the CPU: its capability and, when the run computes in bf16, the measured bf16 and fp32 matrix-product
+    rates; a warning line when bf16 is the slower by far (AVX2-only CPUs: hundreds of times)."""
+    if device.type != "cpu":
+        return ""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if config.mixed_precision != "bf16":
+        return f"CPU: {capability}; computing in fp32 (--mixed_precision {config.mixed_precision})"
+    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    if bf16 < SLOW_BF16 * fp32:
+        logger.warning("--mixed_precision bf16 on a CPU without native bf16 (%s): bf16 matrix products run at %.1f "
+                       "GFLOP/s against %.1f in fp32 (%.0fx slower); use --mixed_precision no", capability,
+                       bf16 / 1e9, fp32 / 1e9, fp32 / bf16)
+        verdict = "no native bf16"
+    else:
+        verdict = "native bf16"
+    return (f"CPU: {capability} ({verdict}): matrix products {bf16 / 1e9:.1f} GFLOP/s in bf16, {fp32 / 1e9:.1f} in "
+            "fp32")
+
+
+def matmul_rate(dtype: torch.dtype, size: int = 256, seconds: float = 0.05) -> float:
+    """FLOP/s of `size`² matrix products in `dtype` on the CPU, over about `seconds` after one warm-up product."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / elapsed
