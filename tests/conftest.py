@@ -14,6 +14,8 @@ import pytest
 # One thread for every test and every subprocess a test starts: the tiny models' ops are so small that intra-op
 # threads cost more than they give (measured 0.15 s vs 1.1 s a step on 2 busy cores).
 os.environ["OMP_NUM_THREADS"] = "1"
+# Tests make every model they use: the hub is never asked (bitsandbytes' import asks it for a kernel otherwise).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="session")

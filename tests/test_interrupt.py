@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,15 +54,29 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_sigint_saves_a_state_prints_the_resume_command_and_resuming_matches(command, tmp_path):
-    output = tmp_path / "interrupted"
-    process = subprocess.Popen(command(output), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def uninterrupted(command, tmp_path_factory) -> dict[str, torch.Tensor]:
+    output = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(command(output), env=ENV, check=True, capture_output=True)
+    return load_file(output / "lora.safetensors")
+
+
+def default_workers(words: list[str]) -> list[str]:
+    """The command without --max_data_loader_n_workers 0: the run forks its default data loader workers."""
+    index = words.index("--max_data_loader_n_workers")
+    return words[:index] + words[index + 2:]
+
+
+def interrupt_and_resume(words: list[str], output: Path, send) -> dict[str, torch.Tensor]:
+    """Start the run in a session of its own, `send(process)` once the step-2 LoRA exists, check what the
+    interruption left (exit 130, one complete state, its LoRA, the resume command) and run that command."""
+    process = subprocess.Popen(words, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     wait_for(output / "lora-step00000002.safetensors", process)
-    process.send_signal(signal.SIGINT)
+    send(process)
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr[-2000:]
 
     states = complete_states(output)
     assert len(states) == 1, sorted(p.name for p in output.iterdir())
@@ -70,14 +85,36 @@ def test_sigint_saves_a_state_prints_the_resume_command_and_resuming_matches(com
     assert (output / f"lora-step{step:08d}.safetensors").is_file()
     assert not (output / "lora.safetensors").exists()
     resume = stdout.split("resume with:\n", 1)[1].strip()
-    assert resume == shlex.join(command(output) + ["--resume", str(state)])
-
+    assert resume == shlex.join(words + ["--resume", str(state)])
     subprocess.run(shlex.split(resume), env=ENV, check=True, capture_output=True)
-    uninterrupted = tmp_path / "uninterrupted"
-    subprocess.run(command(uninterrupted), env=ENV, check=True, capture_output=True)
-    expected, resumed = load_file(uninterrupted / "lora.safetensors"), load_file(output / "lora.safetensors")
+    return load_file(output / "lora.safetensors")
+
+
+def assert_same(expected: dict[str, torch.Tensor], resumed: dict[str, torch.Tensor]) -> None:
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_state_prints_the_resume_command_and_resuming_matches(command, uninterrupted, tmp_path):
+    output = tmp_path / "interrupted"
+    assert_same(uninterrupted, interrupt_and_resume(command(output), output,
+                                                    lambda process: process.send_signal(signal.SIGINT)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_whole_process_group_saves_like_ctrl_c(command, uninterrupted, tmp_path, signum):
+    """What `timeout`, Slurm and supervisors do: the signal reaches the data loader workers too. They keep serving
+    batches until the step is saved, and the resumed run (workers again) ends where the uninterrupted one did."""
+    output = tmp_path / "interrupted"
+    words = default_workers(command(output))
+
+    def signal_the_group(process: subprocess.Popen) -> None:
+        assert psutil.Process(process.pid).children(), "the run has no data loader worker processes"
+        os.killpg(process.pid, signum)
+
+    assert_same(uninterrupted, interrupt_and_resume(words, output, signal_the_group))
 
 
 KILLED_WRITER = """
@@ -89,9 +126,7 @@ from lorakit.train.state import rng_json, write_state
 network = torch.nn.Linear(8192, int(sys.argv[2]), bias=False)
 optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
 write_state(Path(sys.argv[1]), network=network, optimizer=optimizer, lr_scheduler=LambdaLR(optimizer, lambda _: 1),
-            rng=[rng_json()], progress={"global_step": int(sys.argv[3]), "epoch": 1, "batches_done": 1,
-                                        "epoch_finished": True, "seed": 0, "moving_average": {},
-                                        "epoch_losses": []})
+            rng=[rng_json()], progress={"global_step": int(sys.argv[3]), "epoch": 1})
 """
 
 

@@ -671,7 +671,7 @@ def test_validation_seed_chooses_the_held_out_images(tmp_path):
 def test_console_log_level_drops_lower_levels(tmp_path):
     import logging
 
-    from lorakit.train.cli import configure_logging
+    from lorakit.console import configure_logging
 
     root, lorakit_logger = logging.getLogger(), logging.getLogger("lorakit")
     saved = (root.handlers[:], root.level, lorakit_logger.level)

@@ -42,6 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _remove(temporary)
     try:
         yield temporary
+        apply_umask(temporary)
         if temporary.is_file():
             with open(temporary, "rb") as f:
                 os.fsync(f.fileno())
@@ -55,6 +56,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(temporary, path)
     finally:
         _remove(temporary)
+
+
+def apply_umask(path: Path) -> None:
+    """Give a finished file (or a folder and everything in it) the mode the user's umask gives a new file:
+    safetensors writes its files readable by their owner only, which a ComfyUI or A1111 running as another user
+    (or in a container with another uid) cannot read."""
+    mask = current_umask()
+    if not path.is_dir():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, folders, files in os.walk(path):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def current_umask() -> int:
+    """The process's umask: Linux says it in /proc without changing it; elsewhere it is set and set back."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:

@@ -28,6 +28,7 @@ from lorakit.data.latent_cache import CachedLatents, LatentItem
 from lorakit.data.records import DatasetRecords, ImageRecord
 from lorakit.data.text_cache import CachedText, TextItem
 from lorakit.data.transforms import image_tensor, mask_tensor
+from lorakit.errors import LorakitError
 
 # sd-scripts' colour augmentation: a third of the draws change colour, half of those by a hue shift of up to
 # ±8 of OpenCV's 180 hue steps, the other half by a gamma in [0.95, 1.05].
@@ -73,7 +74,10 @@ def place_samples(dataset: DatasetRecords, records: Sequence[ImageRecord]) -> li
     )
     samples = []
     for record in records:
-        placement = place_image(record.size, buckets, width * height, settings.bucket_reso_steps)
+        try:
+            placement = place_image(record.size, buckets, width * height, settings.bucket_reso_steps)
+        except LorakitError as error:
+            raise LorakitError(f"{record.path}: {error}") from None
         choice = record.subset.resize_interpolation or settings.resize_interpolation
         samples.append(Sample(
             record=record,

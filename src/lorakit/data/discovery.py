@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 CACHE_INFO_FILE = "metadata_cache.json"
 FACE_CROP_TOKENS = 4  # `name_cx_cy_w_h.png`: the face-crop suffix sd-scripts strips to find the caption
 MISSING_SHOWN = 5
+MAX_SAMPLES_PER_EPOCH = 10_000_000  # images x repeats: each is an entry of the epoch's batch lists
 
 
 # ---------------------------------------------------------------------------------------------------- entry points
@@ -102,6 +103,10 @@ def _dataset_records(
         train.extend(kept)
         validation.extend(held_out)
     train_samples = sum(record.num_repeats for record in train)
+    if train_samples > MAX_SAMPLES_PER_EPOCH:
+        repeats = ", ".join(f"{s.table} num_repeats = {s.num_repeats}" for s in dataset.subsets)
+        raise LorakitError(f"{dataset.source}: {dataset.table}: {train_samples:,} samples per epoch ({repeats}); "
+                           f"expected at most {MAX_SAMPLES_PER_EPOCH:,}: lower num_repeats")
     if train_samples == 0:
         what = "only regularisation subsets (is_reg = true)" if reg else "no training images"
         raise LorakitError(f"{dataset.source}: {dataset.table}: {what}: the dataset would yield zero batches")

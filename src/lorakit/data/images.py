@@ -61,8 +61,9 @@ class ImageHeader:
 
 
 def read_header(path: Path) -> ImageHeader:
-    """Open `path`, read its size and orientation, and check the file is whole (PNG chunks and CRCs; JPEG
-    decoded at 1/8 scale) without a full decode.
+    """Open `path`, read its size and orientation, and check the whole file decodes: JPEG at 1/8 scale (DCT
+    scaling still reads every coded block), other formats fully, after a PNG's chunks and CRCs are verified.
+    A file whose pixel data ends early is found here, not in the middle of caching or training.
 
     Raises OSError / ValueError / SyntaxError (Pillow's exceptions) for a file that is not a readable image.
     """
@@ -72,11 +73,13 @@ def read_header(path: Path) -> ImageHeader:
         has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
         image_format = image.format or "?"
         if image_format == "JPEG":
-            # JPEG has no structure to verify; decoding at 1/8 scale (DCT scaling) is cheap and finds truncation.
             image.draft("RGB", (max(1, stored[0] // 8), max(1, stored[1] // 8)))
-            image.load()
         else:
-            image.verify()  # walks the structure without decoding: catches truncated PNGs and bad CRCs
+            image.verify()  # chunk structure and CRCs, which decoding does not check
+    if image_format != "JPEG":
+        image = Image.open(path)  # verify() leaves the image unusable
+    with image:
+        image.load()
     size = (stored[1], stored[0]) if orientation in TRANSPOSED_ORIENTATIONS else stored
     return ImageHeader(path=path, size=size, stored_size=stored, format=image_format, has_alpha=has_alpha)
 
@@ -129,10 +132,15 @@ def _check(path: Path) -> ImageHeader | str:
 
 def load_image(path: Path, with_alpha: bool = False) -> tuple[Image.Image, Image.Image | None]:
     """The image as RGB with EXIF orientation applied, and its alpha channel as an "L" mask when asked for
-    (fully opaque, i.e. all 255, when the image has no alpha)."""
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        image.load()
+    (fully opaque, i.e. all 255, when the image has no alpha). A file that no longer decodes (changed since the
+    scan) is a LorakitError naming it."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise LorakitError(f"{path}: cannot read the image any more ({error}); was it changed during the run?") \
+            from None
     alpha = None
     if with_alpha:
         has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
@@ -142,6 +150,10 @@ def load_image(path: Path, with_alpha: bool = False) -> tuple[Image.Image, Image
 
 def load_mask(path: Path) -> Image.Image:
     """A masked-loss mask as an "L" image (sd-scripts weighs the loss by the mask's red channel)."""
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        return image.convert("RGB").getchannel("R")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            return image.convert("RGB").getchannel("R")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise LorakitError(f"{path}: cannot read the mask any more ({error}); was it changed during the run?") \
+            from None

@@ -44,6 +44,11 @@ class LoRANetwork(nn.Module):
     def loras_of(self, part: str) -> list[LoRAModule]:
         return [lora for lora in self.loras if self._parts[lora.lora_name] == part]
 
+    def module_counts(self) -> str:
+        """"U-Net 722, text encoder 1 72, text encoder 2 192" (the start-up summary's line)."""
+        return ", ".join(f"{name} {len(self.loras_of(part))}" for part, name in
+                         (("unet", "U-Net"), ("te1", "text encoder 1"), ("te2", "text encoder 2")))
+
     def attach(self) -> None:
         """Hook every module onto its base layer (idempotent)."""
         for lora in self.loras:
@@ -202,9 +207,6 @@ def build_network(
         loras.append(LoRAModule(target.lora_name, target.module, rank, alpha, multiplier=multiplier,
                                 dropout=dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout))
         parts[target.lora_name] = target.part
-    counts = {part: sum(1 for p in parts.values() if p == part) for part in ("te1", "te2", "unet")}
-    logger.info("LoRA modules: U-Net %d, text encoder 1 %d, text encoder 2 %d",
-                counts["unet"], counts["te1"], counts["te2"])
     return LoRANetwork(loras, parts, args, multiplier)
 
 

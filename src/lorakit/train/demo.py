@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.console import configure_logging
+from lorakit.errors import guarded
 from lorakit.fileio import atomic_path
 
 
@@ -36,11 +37,15 @@ def main(argv: list[str] | None = None, prog: str = "lorakit demo") -> int:
     parser.add_argument("--workdir", default="lorakit-demo", help="folder for the model, images and outputs")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of 9 steps (the seed command's 10)")
     args = parser.parse_args(argv)
+    return guarded(prog, argv or [], lambda: _demo(args, prog))
+
+
+def _demo(args: argparse.Namespace, prog: str) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo makes its model: nothing may come from the hub
+    configure_logging("INFO", None, True)
     from lorakit.testing.datasets import write_dataset_toml, write_image_folder
     from lorakit.testing.random_models import write_random_single_file
-    from lorakit.train.cli import configure_logging
 
-    configure_logging("INFO", None, True)
     workdir = Path(args.workdir).resolve()
     model = workdir / "tiny-sdxl.safetensors"
     images = workdir / "images"
@@ -57,14 +62,10 @@ def main(argv: list[str] | None = None, prog: str = "lorakit demo") -> int:
     torch.set_num_threads(1)
     command = seed_command(model, dataset, output, epochs=args.epochs, optimizer=optimizer, precision=precision)
     print("lorakit demo: sdxl_train_network.py " + " ".join(command), flush=True)
-    try:
-        from lorakit.config import parse_train_args
-        from lorakit.train.trainer import train
+    from lorakit.config import parse_train_args
+    from lorakit.train.trainer import train
 
-        result = train(parse_train_args(command, prog=prog))
-    except LorakitError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+    result = train(parse_train_args(command, prog=prog))
     curve = _curve(output, result.losses)
     summary = {
         "command": ["sdxl_train_network.py", *command],

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from lorakit.data.dataset import BatchLoader, TrainBatch, TrainingData
+from lorakit.errors import LorakitError
+from lorakit.train.interrupt import ignore_stop_signals, stop_signals_blocked
 
 Key = tuple[int, int, int]  # (epoch, batch index in the epoch, optimizer step of the batch)
 
@@ -28,13 +31,23 @@ class RunBatches(torch.utils.data.Dataset):
         self.latents, self.text, self.masked_loss = latents, text, masked_loss
         self._epoch, self._batches = 0, []
 
-    def __getitem__(self, key: Key) -> TrainBatch:
+    def __getitem__(self, key: Key) -> TrainBatch | UnreadableBatch:
         epoch, index, step = key
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self.data.epoch_batches(epoch)
-        return BatchLoader(self._batches, seed=self.seed, epoch=epoch, step_of_batch=lambda _: step,
-                           max_train_steps=self.max_train_steps, latents=self.latents, text=self.text,
-                           masked_loss=self.masked_loss)[index]
+        try:
+            return BatchLoader(self._batches, seed=self.seed, epoch=epoch, step_of_batch=lambda _: step,
+                               max_train_steps=self.max_train_steps, latents=self.latents, text=self.text,
+                               masked_loss=self.masked_loss)[index]
+        except LorakitError as error:  # raised in a worker, torch would wrap it in a multi-line traceback
+            return UnreadableBatch(str(error))
+
+
+@dataclass(frozen=True)
+class UnreadableBatch:
+    """A batch that could not be made (an image changed after the scan): its message reaches the main process."""
+
+    message: str
 
 
 class EpochKeys(torch.utils.data.Sampler):
@@ -63,6 +76,7 @@ class RunLoader:
             RunBatches(data, seed=seed, max_train_steps=max_train_steps, latents=latents, text=text,
                        masked_loss=masked_loss),
             sampler=self.keys, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
+            worker_init_fn=ignore_stop_signals,
             # Worker seeds come from a generator of the loader's own: each iter() of a DataLoader draws one, and
             # from the global RNG that would make dropout depend on the worker settings.
             generator=torch.Generator().manual_seed(seed))
@@ -75,7 +89,15 @@ class RunLoader:
         """(index among the epoch's batches, batch) for `indices`; the epoch's batch i trains optimizer step
         `first_step + i // world // gradient_accumulation_steps` (caption schedules read it)."""
         self.keys.keys = [(epoch, i, first_step + i // self.world // self.gas) for i in indices]
-        return zip(indices, self.loader)
+        with stop_signals_blocked():  # iter() forks the workers (every epoch, or once when persistent)
+            batches = iter(self.loader)
+        return zip(indices, map(_readable, batches))
+
+
+def _readable(batch: TrainBatch | UnreadableBatch) -> TrainBatch:
+    if isinstance(batch, UnreadableBatch):
+        raise LorakitError(batch.message)
+    return batch
 
 
 def shard(batches: list, rank: int, world: int) -> list:

@@ -12,7 +12,7 @@ from typing import Any
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.train.logs import MovingAverage
-from lorakit.train.state import TrainState, set_rng_state
+from lorakit.train.state import TrainState, read_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,21 @@ class StartPosition:
     global_step: int  # optimizer steps already done (absolute)
     epoch: int  # 1-based epoch the loop starts in
     batches_done: int  # batches of that epoch already consumed (per process)
+
+
+PROGRESS_KEYS = ("global_step", "epoch", "batches_done", "epoch_finished", "seed", "moving_average", "epoch_losses")
+
+
+def read_resumed(folder: str | None) -> TrainState | None:
+    """--resume: the state, with everything the run reads from its progress present."""
+    if folder is None:
+        return None
+    resumed = read_state(folder)
+    missing = [key for key in PROGRESS_KEYS if key not in resumed.progress]
+    if missing:
+        raise LorakitError(f"--resume {folder}: its progress.json lacks {', '.join(missing)}; it is damaged, or "
+                           "not a state lorakit saved")
+    return resumed
 
 
 def run_seed(config: TrainConfig, resumed: TrainState | None) -> int:

@@ -92,6 +92,7 @@ def make_network(config: TrainConfig, components, unet, text_encoders, vae, trai
     live_encoders = [t for t in text_encoders if t is not None]
     network = new_network(config, unet, live_encoders, vae, train_unet, train_text_encoder)
     if isinstance(network, LoRANetwork):
+        logger.info("LoRA modules: %s", network.module_counts())
         network.attach()
     else:
         network.apply_to(live_encoders, unet, train_text_encoder, train_unet)

@@ -80,7 +80,7 @@ from lorakit.train.metadata import RunFacts, run_metadata
 from lorakit.train.noise import NoiseOptions, noise_schedule
 from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
 from lorakit.train.processes import all_reduce_sum, average_gradients, stop_requested
-from lorakit.train.resume import RunProgress, advance_scheduler, restore, run_seed, start_position
+from lorakit.train.resume import RunProgress, advance_scheduler, read_resumed, restore, run_seed, start_position
 from lorakit.train.preflight import preflight
 from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator, make_network,
                                      network_args_dict, plugin_groups, release_freed_memory, store_base_weights)
@@ -88,7 +88,6 @@ from lorakit.train.sample_prompts import SamplePrompt, load_sample_prompts
 from lorakit.train.sampling import generate_samples, should_sample
 from lorakit.train.saving import Checkpointer
 from lorakit.train.schedulers import build_scheduler
-from lorakit.train.state import read_state
 from lorakit.train.step import StepOptions, TextEncoding, diffusion_loss, predict
 from lorakit.train.validation import should_validate, validation_loss, validation_timesteps
 
@@ -127,7 +126,7 @@ class NonFiniteLoss(LorakitError):
 
 def train(config: TrainConfig) -> TrainResult:
     # ------------------------------------------------------------------ data: every image scanned before any weights
-    resumed = read_state(config.resume) if config.resume else None
+    resumed = read_resumed(config.resume)
     seed = run_seed(config, resumed)
     set_seed(seed)  # python, numpy, torch: the network's initial weights are the same in every process and run
     datasets = load_datasets(dataclasses.asdict(config))
