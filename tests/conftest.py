@@ -57,3 +57,13 @@ def tiny_diffusers_dir(tiny_components: SDXLComponents, tmp_path_factory: pytest
     folder = tmp_path_factory.mktemp("tiny-diffusers") / "tiny-sdxl"
     write_diffusers(tiny_components, folder)
     return folder
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process: reset it around a test that uses another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

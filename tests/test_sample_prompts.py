@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -51,15 +52,23 @@ def test_default_sampler_and_size() -> None:
     assert DEFAULT_SIZE == 1024
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ("x --w wide --h 512", "--w is 'wide'; expected"),
+    ("x --d -5", "--d is '-5'; expected"),
+    ("x --l much", "--l is 'much'; expected"),
+    ("x --ss turbo --d 1", "--ss is 'turbo'; expected"),
+])
+def test_bad_option_value_is_one_error_line(line, message) -> None:
+    with pytest.raises(LorakitError, match=re.escape(message)) as error:
+        parse_sample_prompts(line, ".txt")
+    assert f"line {line!r}" in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(("line", "expected", "message"), [
-    ("x --w wide --h 512", SamplePrompt("x", height=512), "--w is 'wide'"),
-    ("x --d -5", SamplePrompt("x"), "--d is '-5'"),
-    ("x --l much", SamplePrompt("x"), "--l is 'much'"),
-    ("x --ss turbo --d 1", SamplePrompt("x", seed=1), "--ss is 'turbo'"),
     ("x --q 3 --d 1", SamplePrompt("x", seed=1), "unknown option --q"),
     ("x --g 3.5", SamplePrompt("x"), "--g has no effect on SDXL"),
 ])
-def test_bad_option_warns_once_and_is_skipped(line, expected, message, caplog) -> None:
+def test_unknown_or_other_model_option_warns_once_and_is_skipped(line, expected, message, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="lorakit.train.sample_prompts"):
         assert parse_sample_prompts(line, ".txt") == [expected]
     assert len(caplog.records) == 1
@@ -117,13 +126,16 @@ def test_load_from_file(tmp_path, suffix) -> None:
     assert load_sample_prompts(path)[0] == EVERY_OPTION
 
 
-def test_table_bad_values_warn(caplog) -> None:
-    data = [{"prompt": "x", "width": "wide", "seed": True, "cfg": 3, "controlnet_image": "a.png"}]
+def test_table_bad_value_is_an_error_and_unknown_keys_warn(caplog) -> None:
+    with pytest.raises(LorakitError, match="item 0: 'width' is 'wide'; expected"):
+        parse_sample_prompts(json.dumps([{"prompt": "x", "width": "wide"}]), ".json")
+    with pytest.raises(LorakitError, match="item 0: 'seed' is True; expected"):
+        parse_sample_prompts(json.dumps([{"prompt": "x", "seed": True}]), ".json")
+    data = [{"prompt": "x", "cfg": 3, "controlnet_image": "a.png"}]
     with caplog.at_level(logging.WARNING, logger="lorakit.train.sample_prompts"):
         assert parse_sample_prompts(json.dumps(data), ".json") == [SamplePrompt("x")]
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 4
-    assert any("'width' is 'wide'" in m for m in messages) and any("unknown key 'cfg'" in m for m in messages)
+    assert len(messages) == 2 and any("unknown key 'cfg'" in m for m in messages)
 
 
 @pytest.mark.parametrize(("text", "suffix", "message"), [

@@ -46,16 +46,6 @@ def run(model: Path, dataset: Path, output: Path, *args: str):
     return train(parse_train_args(argv))
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one mixed-precision setting per process: reset it around a test that uses another."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 # ---------------------------------------------------------------------------------------------------- learning
 
 

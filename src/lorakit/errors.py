@@ -55,7 +55,9 @@ def describe_unexpected(error: BaseException) -> str:
         return (f"error: out of memory ({text[:200]}); lower --train_batch_size or the resolution, or add "
                 "--gradient_checkpointing, --cache_latents, --cache_text_encoder_outputs")
     if isinstance(error, OSError) and error.filename is not None:
-        return f"error: {error.filename}: {error.strerror or text}"
+        from lorakit.fileio import shown_path
+
+        return f"error: {shown_path(str(error.filename))}: {error.strerror or text}"
     return f"internal error: {type(error).__name__}: {text[:300]}; please report it with the file below"
 
 

@@ -138,10 +138,14 @@ def kind_of(path: str | os.PathLike, what: str) -> str | None:
         return None
     except (OSError, ValueError) as error:
         reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
-        shown = os.fspath(path)
-        shown = shown if len(shown) <= 200 else f"{shown[:100]}...{shown[-60:]} ({len(shown)} characters)"
-        raise LorakitError(f"{what} {shown}: cannot look it up ({reason})") from None
+        raise LorakitError(f"{what} {shown_path(path)}: cannot look it up ({reason})") from None
     return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as a message shows it: whole, or its ends when it is too long to read in one line."""
+    text = os.fspath(path)
+    return text if len(text) <= 200 else f"{text[:100]}...{text[-60:]} ({len(text)} characters)"
 
 
 def describe_os_error(error: OSError) -> str:

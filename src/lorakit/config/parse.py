@@ -259,10 +259,11 @@ def _check_inputs(config: TrainConfig) -> None:
     if not config.pretrained_model_name_or_path:
         raise LorakitError("missing --pretrained_model_name_or_path (an SDXL .safetensors file or diffusers "
                            "folder)")
-    if not (config.dataset_config or config.train_data_dir):
+    if not (config.dataset_config or config.train_data_dir or config.in_json):
         raise LorakitError("no dataset: give --dataset_config (a dataset TOML) or --train_data_dir")
-    if config.train_data_dir and not config.dataset_config and config.resolution is None:
-        raise LorakitError("--train_data_dir needs --resolution (e.g. 1024 or 1024,768)")
+    data_flag = "--train_data_dir" if config.train_data_dir else "--in_json"
+    if not config.dataset_config and config.resolution is None:
+        raise LorakitError(f"{data_flag} needs --resolution (e.g. 1024 or 1024,768)")
 
 
 def _check_ranges(config: TrainConfig) -> None:

@@ -160,7 +160,7 @@ def command_line_config(command_line: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _repeat_folders(parent: Path, flag: str, *, is_reg: bool) -> list[dict[str, Any]]:
-    if not parent.is_dir():
+    if kind_of(parent, flag) != "folder":
         raise LorakitError(f"{flag} {parent}: folder not found")
     subsets = []
     for folder in sorted(path for path in parent.iterdir() if path.is_dir()):
@@ -334,7 +334,7 @@ def _fine_tuning_subset(subset: SubsetSettings, where: str) -> list[FoundImage]:
         raise LorakitError(f"{where}: metadata_file '{subset.metadata_file}' lists no images")
     items, missing = [], []
     for key, entry in metadata.items():
-        image = _metadata_image(key, subset.image_dir)
+        image = _metadata_image(key, subset.image_dir, f"{where}: metadata_file '{subset.metadata_file}': image key")
         if image is None:
             missing.append(key)
             continue
@@ -396,12 +396,12 @@ def metadata_caption(entry: Mapping[str, Any], separator: str, enable_wildcard: 
     return caption or ""
 
 
-def _metadata_image(key: str, image_dir: Path | None) -> Path | None:
+def _metadata_image(key: str, image_dir: Path | None, what: str) -> Path | None:
     """The image a metadata key names: an existing path, a file in image_dir, or a stem in image_dir."""
     candidates = [Path(key)]
     if image_dir is not None:
         candidates += [image_dir / key] + [image_dir / (key + ext) for ext in IMAGE_EXTENSIONS]
-    return next((path for path in candidates if kind_of(path, "metadata image key") == "file"), None)
+    return next((path for path in candidates if kind_of(path, what) == "file"), None)
 
 
 # ---------------------------------------------------------------------------------------------------- split, balance

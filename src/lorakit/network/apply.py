@@ -53,6 +53,9 @@ def network_from_file(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     `kwargs` go to `build_network` (dropout, network_args for block LR weights, train_unet, ...).
     """
     ranks = file_ranks(state, path)
+    if not ranks:
+        raise LorakitError(f"{path}: no LoRA modules in it (no <name>.lora_down.weight tensors among its "
+                           f"{len(state)}); expected a LoRA file")
     network = build_network(unet, [m for m in text_encoders if m is not None], ranks=ranks, **kwargs)
     if not network.loras and ranks:
         raise LorakitError(f"{path}: none of its {len(ranks)} LoRA modules matches an SDXL layer (first "

@@ -140,12 +140,13 @@ def _from_json(text: str, base: SamplePrompt, source: str) -> list[SamplePrompt]
 
 
 def _set(fields: dict[str, Any], field: str, value: Any, where: str, name: str) -> None:
-    """Convert `value` for `field` into `fields`; an unusable value is one warning and leaves the field unset."""
+    """Convert `value` for `field` into `fields`; an unusable value is bad input (sd-scripts skips it, and the
+    samples then silently differ from what the file says)."""
     convert, expected = _CONVERTERS[field]
     try:
         fields[field] = convert(value)
     except (TypeError, ValueError):
-        log.warning("%s: %s is %r; expected %s; ignored", where, name, value, expected)
+        raise LorakitError(f"{where}: {name} is {value!r}; expected {expected}") from None
 
 
 def _build(base: SamplePrompt, fields: dict[str, Any], where: str) -> SamplePrompt:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_path
+from lorakit.fileio import atomic_path, kind_of
 
 MARKER = "COMPLETE"
 FORMAT = "lorakit-state-1"
@@ -192,7 +192,7 @@ def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.opti
 def read_state(folder: str | Path) -> TrainState:
     """A complete state folder, or a one-line LorakitError saying why it cannot be resumed from."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if kind_of(folder, "--resume") != "folder":
         raise LorakitError(f"--resume {folder}: no such folder{_last_complete_hint(folder)}")
     if not (folder / MARKER).is_file():
         if (folder / "optimizer.bin").exists() or list(folder.glob("random_states_*.pkl")):
