@@ -234,11 +234,22 @@ def _images(root: Path, f: dict[str, Path]) -> None:
     folder("zero_bytes", lambda path: (path / "empty.png").write_bytes(b""))
     folder("text_as_png", lambda path: (path / "words.png").write_text("not an image"))
     folder("cut_file", lambda path: (path / "cut.jpg").write_bytes(_jpeg()[:300]))
+    folder("cut_scan", lambda path: (path / "half.jpg").write_bytes(_jpeg()[: len(_jpeg()) * 3 // 5]))
     folder("one_pixel", lambda path: Image.new("RGB", (1, 1)).save(path / "dot.png"))
     folder("latin1_caption", lambda path: (path / "image_000.txt").write_bytes("crème".encode("latin-1")))
     folder("empty_caption", lambda path: (path / "image_000.txt").write_text(""))
     folder("caption_folder", lambda path: ((path / "image_000.txt").unlink(), (path / "image_000.txt").mkdir()))
     folder("bomb", lambda path: (path / "huge.png").write_bytes(_png_header(40000, 40000)))
+
+    def other_formats(path: Path) -> None:
+        for name, options in (("photo.jpg", {"quality": 90}), ("photo.webp", {}), ("photo.bmp", {}),
+                              ("alpha.png", {})):
+            mode = "RGBA" if name == "alpha.png" else "RGB"
+            Image.new(mode, (80, 64), (30, 90, 200)).save(path / name, **options)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored landscape, shown portrait
+        Image.new("RGB", (96, 64), (200, 90, 30)).save(path / "rotated.jpg", exif=exif)
+    folder("formats", other_formats)
     empty = root / "img" / "no_images"
     empty.mkdir(parents=True)
     f["images_none"] = empty
@@ -258,8 +269,9 @@ def _cut_idat(png: bytes) -> bytes:
 
 
 def _jpeg() -> bytes:
+    """A JPEG with enough detail that its coded data is most of the file."""
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 30)).save(buffer, format="JPEG")
+    Image.effect_noise((256, 256), 64).convert("RGB").save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
 
@@ -580,6 +592,7 @@ def image_cases(world: World) -> list[Case]:
         Case("images", "zero-byte PNG", with_images("zero_bytes"), "empty.png"),
         Case("images", "text named .png", with_images("text_as_png"), "words.png"),
         Case("images", "JPEG cut short", with_images("cut_file"), "cut.jpg"),
+        Case("images", "JPEG cut in its scan data", with_images("cut_scan"), "half.jpg"),
         Case("images", "1x1 image with bucket_no_upscale",
              with_images("one_pixel", "enable_bucket = true\nbucket_no_upscale = true\nbucket_reso_steps = 32"),
              "dot.png"),
@@ -590,6 +603,9 @@ def image_cases(world: World) -> list[Case]:
         # A folder is not a caption file: the image falls back to class_tokens, with a warning naming it.
         Case("images", "caption file is a folder", with_images("caption_folder"), None),
         Case("images", "decompression bomb", with_images("bomb"), "huge.png"),
+        Case("images", "JPEG, WebP, BMP, alpha PNG, EXIF-rotated JPEG", with_images("formats", "enable_bucket = true\n"
+                                                                           "min_bucket_reso = 32\nbucket_reso_steps = 32"),
+             None),
     ]
 
 

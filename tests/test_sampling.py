@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import logging
 import random
 import re
 
@@ -81,11 +80,9 @@ def test_sampler_aliases_and_options() -> None:
     assert type(make_scheduler("ddim")) is DDIMScheduler
 
 
-def test_unknown_sampler_warns_and_uses_default(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="lorakit.train.sample_prompts"):
-        (prompt,) = parse_sample_prompts("x --ss turbo", ".txt", default_sampler="euler")
-    assert prompt.sampler == "euler"
-    assert len(caplog.records) == 1 and "turbo" in caplog.records[0].getMessage()
+def test_unknown_sampler_is_one_error_line() -> None:
+    with pytest.raises(LorakitError, match="line 'x --ss turbo': --ss is 'turbo'; expected one of ddim, "):
+        parse_sample_prompts("x --ss turbo", ".txt", default_sampler="euler")
     with pytest.raises(LorakitError, match="sampler 'turbo' is unknown"):
         make_scheduler("turbo")
 

@@ -74,12 +74,12 @@ def read_header(path: Path) -> ImageHeader:
         image_format = image.format or "?"
         if image_format == "JPEG":
             image.draft("RGB", (max(1, stored[0] // 8), max(1, stored[1] // 8)))
+            image.load()
         else:
             image.verify()  # chunk structure and CRCs, which decoding does not check
     if image_format != "JPEG":
-        image = Image.open(path)  # verify() leaves the image unusable
-    with image:
-        image.load()
+        with Image.open(path) as image:  # verify() leaves the image unusable
+            image.load()
     size = (stored[1], stored[0]) if orientation in TRANSPOSED_ORIENTATIONS else stored
     return ImageHeader(path=path, size=size, stored_size=stored, format=image_format, has_alpha=has_alpha)
 

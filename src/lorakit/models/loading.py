@@ -161,7 +161,7 @@ class CheckpointFile:
         if self.source.lower().endswith(PICKLE_SUFFIXES):
             self._state = load_torch_tensors(self.source)
             shapes = {key: tuple(tensor.shape) for key, tensor in self._state.items()}
-            read = lambda key, dtype: _cast(self._state[key], dtype, copy=True)  # noqa: E731
+            read = self._read_pickled
         else:
             self._file = _safe_open(self.source)
             try:
@@ -173,6 +173,9 @@ class CheckpointFile:
         if self.meta:
             return shapes, lambda key, dtype: torch.empty(shapes[key], dtype=dtype, device="meta")
         return shapes, read
+
+    def _read_pickled(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        return _cast(self._state[key], dtype, copy=True)
 
     def _read_safetensors(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         try:

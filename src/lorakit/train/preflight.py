@@ -282,21 +282,29 @@ def cpu_precision(config: TrainConfig, device: torch.device) -> str:
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     if bf16 < SLOW_BF16 * fp32:
         logger.warning("--mixed_precision bf16 on a CPU without native bf16 (%s): bf16 matrix products run at %.1f "
-                       "GFLOP/s against %.1f in fp32 (%.0fx slower); use --mixed_precision no", capability,
+                       "GFLOP/s against %.1f in fp32 (%.0fx slower, one thread); use --mixed_precision no", capability,
                        bf16 / 1e9, fp32 / 1e9, fp32 / bf16)
         verdict = "no native bf16"
     else:
         verdict = "native bf16"
-    return (f"CPU: {capability} ({verdict}): matrix products {bf16 / 1e9:.1f} GFLOP/s in bf16, {fp32 / 1e9:.1f} in "
-            "fp32")
+    return (f"CPU: {capability} ({verdict}): matrix products on one thread {bf16 / 1e9:.1f} GFLOP/s in bf16, "
+            f"{fp32 / 1e9:.1f} in fp32")
 
 
-def matmul_rate(dtype: torch.dtype, size: int = 256, seconds: float = 0.05) -> float:
-    """FLOP/s of `size`² matrix products in `dtype` on the CPU, over about `seconds` after one warm-up product."""
+def matmul_rate(dtype: torch.dtype, size: int = 256, repeats: int = 5) -> float:
+    """FLOP/s of a `size`² matrix product in `dtype` on one CPU thread: the fastest of `repeats` after a warm-up
+    (one thread and the fastest, because other work on the machine only ever slows a product down, and threads
+    waiting for a busy core slow it down most)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or count < 2:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         a @ b
-        count += 1
-    return 2 * size**3 * count / elapsed
+        fastest = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            fastest = min(fastest, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / fastest

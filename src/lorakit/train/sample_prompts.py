@@ -205,5 +205,5 @@ _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "steps": (_steps, "an integer"),
     "scale": (_scale, "a number"),
     "seed": (_non_negative, "an integer >= 0"),
-    "sampler": (_sampler, "one of " + ", ".join(SAMPLER_NAMES) + " (the default sampler is used)"),
+    "sampler": (_sampler, "one of " + ", ".join(SAMPLER_NAMES)),
 }
