@@ -16,6 +16,7 @@ good case when it exits 0 ("all inputs checked" for a dry run). A case that runs
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from safetensors.torch import save_file
 from lorakit.config.flags import float_range, number, resolution, steps_or_ratio
 from lorakit.config.train_config import iter_flags
 from lorakit.testing.datasets import write_dataset_toml, write_image_folder
+from lorakit.train.sampling import SAMPLERS
 
 PROG = "sdxl_train_network.py"
 CASE_SECONDS = 60  # a case running longer is a hang
@@ -637,6 +639,10 @@ def text_file_cases(world: World) -> list[Case]:
              "bad.txt"),
         Case("text_files", "sample_prompts BOM", ("--sample_prompts", str(files["bom"])), None),
         Case("text_files", "sample_prompts good", ("--sample_prompts", str(files["prompts"])), None),
+        Case("text_files", "sample_prompts with lms", ("--sample_prompts", text("lms.txt", "a cat --ss k_lms\n")),
+             None if importlib.util.find_spec("scipy") else "scipy"),
+        Case("text_files", "sample_prompts every sampler but lms", ("--sample_prompts", text("all.txt", "".join(
+            f"a cat --ss {name}\n" for name in SAMPLERS if "lms" not in name))), None),
         Case("text_files", "metadata_file latin-1", metadata("m1.json", '{"a": {"caption": "é"}}'.encode("latin-1")),
              "m1.json"),
         Case("text_files", "metadata_file deep", metadata("m2.json", "[" * 100_000 + "]" * 100_000), "m2.json"),
@@ -754,6 +760,8 @@ def argument_cases(world: World) -> list[Case]:
         case("every lr weight zero", "nothing", "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0",
              "up_lr_weight=zeros", "--network_dim", "2"),
         case("learning rate zero everywhere", "learning rate", "--learning_rate", "0"),
+        case("initial step past the end", "nothing to train", "--initial_step", "99999999999"),
+        case("initial epoch past the end", "nothing to train", "--initial_epoch", "5", "--max_train_epochs", "4"),
         case("fp16 on a CPU", "--mixed_precision fp16", "--mixed_precision", "fp16"),
         case("caption_separator empty", "--caption_separator", "--caption_separator=", "--shuffle_caption"),
         case("cache with shuffle", "--shuffle_caption", "--cache_text_encoder_outputs", "--shuffle_caption"),

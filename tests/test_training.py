@@ -771,6 +771,25 @@ def test_persistent_workers_live_across_epochs_and_load_the_same_batches(three_i
     assert no_pids == [None] * 3  # without the flag, each epoch's workers end with it
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_stops_decoding_after_the_scan_is_one_line_naming_it(tmp_path, workers):
+    from lorakit.data.dataset import TrainingData
+    from lorakit.data.discovery import load_datasets
+    from lorakit.train.loader import RunLoader
+
+    images = write_image_folder(tmp_path / "img", 2, sizes=((64, 64),))
+    dataset = write_dataset_toml(tmp_path / "dataset.toml", tmp_path / "img", resolution=64)
+    config = parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config", str(dataset)])
+    data = TrainingData(load_datasets(dataclasses.asdict(config)), 5)
+    images[1].write_bytes(images[1].read_bytes()[:60])  # cut after the scan, before its batch is loaded
+    loader = RunLoader(data, seed=5, max_train_steps=2, latents=None, text=None, masked_loss=False,
+                       workers=workers, persistent=False, rank=0, world=1, gradient_accumulation_steps=1)
+    with pytest.raises(LorakitError) as error:
+        list(loader.epoch(1, loader.share(1), 0))
+    message = str(error.value)
+    assert message.startswith(f"{images[1]}: cannot read the image any more") and "\n" not in message
+
+
 # ---------------------------------------------------------------------------------------------------- one process
 
 

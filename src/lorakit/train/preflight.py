@@ -9,7 +9,7 @@ Each input is checked the way the run will use it, so "all inputs checked" means
   values of `--network_weights` and `--base_weights`, and its size against the device's memory;
 - the optimizer and the LR schedule: built over stand-ins of the network's parameter groups on the training
   device and stepped once; the schedule's learning rates are finite from the first step to the last;
-- logging (`--log_with`, `--log_tracker_config`) and `--metadata_thumbnail`;
+- logging (`--log_with`, `--log_tracker_config`), `--metadata_thumbnail`, the samplers of the sample prompts;
 - the CPU: bf16 on a CPU without native bf16 is measured and said in one warning line.
 The datasets (every image decoded), `--resume` and `--sample_prompts` are read before this, by the run itself.
 """
@@ -40,6 +40,8 @@ from lorakit.train.logs import check_logging
 from lorakit.train.metadata import thumbnail_url
 from lorakit.train.optimizers import build_optimizer
 from lorakit.train.run_setup import base_weight_multipliers, new_network
+from lorakit.train.sample_prompts import SamplePrompt
+from lorakit.train.sampling import make_scheduler
 from lorakit.train.schedulers import build_scheduler
 
 logger = logging.getLogger("lorakit")
@@ -57,11 +59,14 @@ class Preflight:
     lines: list[str]
 
 
-def preflight(config: TrainConfig, max_train_steps: int, device: torch.device) -> Preflight:
+def preflight(config: TrainConfig, prompts: list[SamplePrompt], max_train_steps: int,
+              device: torch.device) -> Preflight:
     check_input_paths(config)
     check_output_paths(config)
     check_logging(config)
     thumbnail_url(config.metadata_thumbnail)
+    for sampler in sorted({prompt.sampler for prompt in prompts}):
+        make_scheduler(sampler, config.v_parameterization)  # a sampler's missing package (lms: scipy) fails here
     lines = []
     model = rehearse_model(config)
     if model is None:

@@ -138,7 +138,14 @@ def train(config: TrainConfig) -> TrainResult:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     plan = StepPlan.of(len(data), world, config.gradient_accumulation_steps, config.max_train_steps,
                        config.max_train_epochs)
-    checked = preflight(config, plan.max_train_steps, accelerator.device)
+    start = start_position(config, plan.steps_per_epoch, resumed, world)
+    if start.global_step >= plan.max_train_steps:
+        where = "the resumed state's" if config.initial_step is None and config.initial_epoch is None else (
+            "--initial_step/--initial_epoch's")
+        raise LorakitError(f"the run would start at {where} step {start.global_step}, at or past its last step "
+                           f"{plan.max_train_steps}: nothing to train (raise --max_train_steps or "
+                           "--max_train_epochs to go on)")
+    checked = preflight(config, prompts, plan.max_train_steps, accelerator.device)
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
@@ -170,7 +177,6 @@ def train(config: TrainConfig) -> TrainResult:
         metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world))
     if resumed is not None:
         restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
-    start = start_position(config, plan.steps_per_epoch, resumed, world)
     if resumed is None and start.global_step:
         advance_scheduler(opt.lr_scheduler, start.global_step)
     run = RunProgress.starting(start, resumed, window=plan.batches_per_epoch)
