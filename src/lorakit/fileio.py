@@ -34,10 +34,14 @@ def temporary_sibling(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write a file or a folder into; on success it replaces `path` at once.
 
-    On any exception the temporary is removed and `path` is untouched.
+    On any exception the temporary is removed and `path` is untouched; a file system that refuses the write (no
+    space, no permission, a folder in the way) is a LorakitError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LorakitError(f"cannot write {shown_path(path)}: {describe_os_error(error)}") from None
     temporary = temporary_sibling(path)
     _remove(temporary)
     try:
@@ -54,6 +58,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(temporary, path)
+    except OSError as error:
+        raise LorakitError(f"cannot write {shown_path(path)}: {describe_os_error(error)}") from None
     finally:
         _remove(temporary)
 
@@ -96,6 +102,8 @@ def _remove(path: Path) -> None:
 def read_text(path: str | os.PathLike, what: str) -> str:
     """The text of a user's file; `what` names it in messages (e.g. "--sample_prompts", "caption file")."""
     path = Path(path)
+    if kind_of(path, what) == "other":  # a pipe or a device would block or never end
+        raise LorakitError(f"{what} {path}: not a regular file")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:

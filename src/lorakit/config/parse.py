@@ -20,7 +20,7 @@ import tomli_w
 from lorakit.config.flags import Flag, number
 from lorakit.config.train_config import GROUPS, TrainConfig, iter_flags
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_path, parse_toml, read_text
+from lorakit.fileio import atomic_path, kind_of, parse_toml, read_text
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ DESCRIPTION = ("Train an SDXL LoRA. Accepts the command line of sd-scripts' sdxl
 USAGE = ("%(prog)s --pretrained_model_name_or_path PATH (--dataset_config PATH | --train_data_dir PATH) "
          "[options]")
 NOT_IN_FILES = ("config_file", "output_config")  # only meaningful on the command line
+MAX_INTEGER = 2**31 - 1  # no count, size or step of a run comes near it; beyond it C integers overflow
 CAPTION_RANDOMISERS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step")
 
 
@@ -180,7 +181,7 @@ def write_config_file(values: Mapping[str, Any], path: str | Path) -> Path:
     """`--output_config`: the non-default values (minus secrets) as a TOML both lorakit and sd-scripts read.
     Never overwrites."""
     path = config_file_path(path)
-    if path.exists():
+    if kind_of(path, "--config_file") is not None:
         raise LorakitError(f"--output_config: {path} exists already; remove it or name another --config_file")
     document = {flag.name: flag.file_value(values[flag.name]) for flag in iter_flags()
                 if flag.name in values and values[flag.name] != flag.default
@@ -269,11 +270,17 @@ def _check_inputs(config: TrainConfig) -> None:
 def _check_ranges(config: TrainConfig) -> None:
     for flag in iter_flags():
         value = getattr(config, flag.name)
-        if flag.bounds is None or value is None:
+        if value is None:
             continue
         for item in value if flag.many else (value,):
-            if item not in flag.bounds:
+            if flag.bounds is not None and item not in flag.bounds:
                 raise LorakitError(f"{flag.option} {item}: expected {flag.bounds}")
+            if flag.parse is int and abs(item) > MAX_INTEGER:
+                raise LorakitError(f"{flag.option} {item}: expected at most {MAX_INTEGER}")
+            if isinstance(item, str) and "\x00" in item:
+                raise LorakitError(f"{flag.option} {item!r}: contains a NUL character")
+            if item == "" and (flag.metavar == "PATH" or flag.name == "output_name"):
+                raise LorakitError(f"{flag.option} is empty; expected {'a path' if flag.metavar else 'a name'}")
     if config.bucket_reso_steps % 32:
         raise LorakitError(f"--bucket_reso_steps {config.bucket_reso_steps}: SDXL needs a multiple of 32")
     if config.min_bucket_reso > config.max_bucket_reso:

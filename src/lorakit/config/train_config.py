@@ -337,7 +337,8 @@ class TrainConfig:
     metadata_is_negative_embedding: str | None = METADATA.flag(None, str, "modelspec.is_negative_embedding")
 
     # --- distributed ---
-    ddp_timeout: int | None = DISTRIBUTED.flag(None, int, "DDP timeout in minutes", bounds=AT_LEAST_1)
+    ddp_timeout: int | None = DISTRIBUTED.flag(None, int, "DDP timeout in minutes",
+                                               bounds=Bounds(1, 10**6, name="from 1 to 1000000 minutes"))
     ddp_gradient_as_bucket_view: bool = DISTRIBUTED.switch("DDP gradient_as_bucket_view")
     ddp_static_graph: bool = DISTRIBUTED.switch("DDP static_graph")
     deepspeed: bool = DISTRIBUTED.switch("train with DeepSpeed", refused=NO_DEEPSPEED)

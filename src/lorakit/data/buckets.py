@@ -87,8 +87,9 @@ def no_upscale_bucket(image_size: Size, max_area: int, step: int) -> Placement:
         height_for_width = _round_to_step(width_rounded / aspect, step)
         height_rounded = _round_to_step(scaled_height, step)
         width_for_height = _round_to_step(height_rounded * aspect, step)
-        error_by_width = abs(width_rounded / height_for_width - aspect)
-        error_by_height = abs(width_for_height / height_rounded - aspect)
+        # A side rounded down to 0 (an extreme aspect ratio) is the worst choice, not a division by zero.
+        error_by_width = abs(width_rounded / height_for_width - aspect) if height_for_width else math.inf
+        error_by_height = abs(width_for_height / height_rounded - aspect) if height_rounded else math.inf
         if error_by_width < error_by_height:
             resized = (width_rounded, int(width_rounded / aspect + 0.5))
         else:
@@ -105,9 +106,11 @@ def place_image(image_size: Size, buckets: Sequence[Size] | None, max_area: int,
     if buckets is None:
         placement = no_upscale_bucket(image_size, max_area, step)
         if min(placement.bucket) < step:
+            width, height = placement.resized_size
             raise LorakitError(
-                f"image of {image_size[0]}x{image_size[1]} px is smaller than bucket_reso_steps={step} on one side;"
-                " expected at least one step on each side with bucket_no_upscale"
+                f"image of {image_size[0]}x{image_size[1]} px (at most the resolution's area: {width}x{height}) has a "
+                f"side below bucket_reso_steps={step}; expected at least one step on each side with "
+                "bucket_no_upscale (crop or drop the image)"
             )
         return placement
     bucket = bucket_for(image_size, buckets)

@@ -323,6 +323,13 @@ def _resolve_dataset(
         )
     min_reso, max_reso = value("min_bucket_reso"), value("max_bucket_reso")
     enable_bucket, no_upscale = value("enable_bucket"), value("bucket_no_upscale")
+    if enable_bucket and min(resolution) < steps:
+        raise LorakitError(f"{where}: resolution {_size_text(resolution)} has a side below bucket_reso_steps "
+                           f"{steps}; expected at least one step")
+    if not enable_bucket and any(side % SDXL_BUCKET_STEP for side in resolution):
+        raise LorakitError(f"{where}: resolution {_size_text(resolution)} without bucketing is the size every image "
+                           f"is trained at, so each side must be a multiple of {SDXL_BUCKET_STEP} (what the SDXL "
+                           "U-Net halves down to); e.g. 1024 or 1024,768, or enable_bucket = true")
     if enable_bucket and not no_upscale:
         min_reso, max_reso = _bucket_range(where, resolution, min_reso, max_reso, steps)
     elif enable_bucket:
@@ -458,6 +465,10 @@ def _bucket_range(where: str, resolution, min_reso: int, max_reso: int, steps: i
         raise LorakitError(f"{where}: max_bucket_reso {max_reso} is smaller than the resolution's larger side "
                            f"{max(resolution)}: raise max_bucket_reso (SDXL users typically set 2048)")
     return min_reso, max_reso
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def _command_line_values(command_line: Mapping[str, Any]) -> CommandLineValues:

@@ -363,12 +363,21 @@ def read_metadata(path: Path, where: str = "") -> dict[str, dict[str, Any]]:
             entry = _json(line, path, number)
             if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str):
                 raise LorakitError(f"{path} line {number}: expected an object with \"image_path\"")
+            _check_entry(entry, path, f"line {number}")
             metadata[entry["image_path"]] = entry
         return metadata
     data = _json(text, path, None)
     if not isinstance(data, dict) or not all(isinstance(value, dict) for value in data.values()):
         raise LorakitError(f"{path}: expected an object {{image_key: {{\"caption\": ..., \"tags\": ...}}}}")
+    for key, entry in data.items():
+        _check_entry(entry, path, f"image {key!r}")
     return data
+
+
+def _check_entry(entry: Mapping[str, Any], path: Path, where: str) -> None:
+    for field in ("caption", "tags"):
+        if entry.get(field) is not None and not isinstance(entry[field], str):
+            raise LorakitError(f"{path}: {where}: \"{field}\" is {json.dumps(entry[field])[:60]}; expected a string")
 
 
 def _json(text: str, path: Path, line: int | None) -> Any:

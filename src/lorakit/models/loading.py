@@ -265,13 +265,58 @@ def _from_pretrained(network: Network, source: str, subfolder: str | None, dtype
     where = f"{source}/{subfolder}" if subfolder else source
     try:
         if meta:
-            return cast_model(_from_config_on_meta(network, source, subfolder, local_only), dtype)
+            module = cast_model(_from_config_on_meta(network, source, subfolder, local_only), dtype)
+            if os.path.isdir(source):
+                _check_folder_weights(module, Path(source, subfolder or ""))
+            return module
         return network.model_class.from_pretrained(source, subfolder=subfolder, local_files_only=local_only,
                                                     **{dtype_argument: dtype})
     except (OSError, ValueError, RuntimeError, TypeError) as error:
         hint = "" if local_only else " (not in the local Hugging Face cache and the hub is unreachable?)"
         raise LorakitError(f"cannot load {network.model_class.__name__} from {where}{hint}: "
                            f"{_first_line(error)}") from error
+
+
+# The weight files from_pretrained reads without a variant: diffusers', then transformers' names.
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin")
+
+
+def _check_folder_weights(module: torch.nn.Module, folder: Path) -> None:
+    """The weights a component folder holds fit the model its config describes: every tensor of the model is
+    there with its shape (read from the files' headers; transformers' `text_model.` prefix either way)."""
+    found = _folder_weight_shapes(folder)
+
+    def plain(key: str) -> str:
+        return key.removeprefix("text_model.")
+
+    found = {plain(key): shape for key, shape in found.items()}
+    for key, tensor in module.state_dict().items():
+        shape = found.get(plain(key))
+        if shape is None:
+            raise LorakitError(f"{folder}: its weights have no tensor {key}, which its config.json's model has")
+        if tuple(shape) != tuple(tensor.shape):
+            raise LorakitError(f"{folder}: tensor {key} has shape {tuple(shape)}; its config.json's model expects "
+                               f"{tuple(tensor.shape)}")
+
+
+def _folder_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    for name in WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if name.endswith(".safetensors") and index.is_file():
+            data = parse_json(read_text(index, "weights index"), index, "weights index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise LorakitError(f"{index}: expected an object with a \"weight_map\" of tensor names to files")
+            shapes = {}
+            for part in sorted(set(weight_map.values())):
+                with CheckpointFile(str(folder / part), meta=True) as (part_shapes, _):
+                    shapes |= part_shapes
+            return shapes
+        if (folder / name).is_file():
+            with CheckpointFile(str(folder / name), meta=True) as (shapes, _):
+                return shapes
+    raise LorakitError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}, or a sharded .index.json)")
 
 
 def _from_config_on_meta(network: Network, source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:

@@ -17,6 +17,7 @@ from lorakit.network.targets import NUM_BLOCKS
 NUM_IN_OUT_BLOCKS = 9  # input_blocks / output_blocks entries of down_lr_weight / up_lr_weight
 NUM_MID_BLOCKS = 3
 LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+MAX_LR_RATIO = 1e6
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,11 @@ def _float(key: str, text: str) -> float:
     return _number(key, text, float)
 
 
+def _ratio(key: str, text: str) -> float:
+    """A LoRA+ learning-rate ratio (16 is typical; beyond a million the learning rate itself breaks)."""
+    return _number(key, text, float, 0, MAX_LR_RATIO)
+
+
 def _fraction(key: str, text: str) -> float:
     value = _float(key, text)
     if not 0 <= value < 1:
@@ -216,7 +222,7 @@ _PARSERS = {
     "block_lr_zero_threshold": _float,
     "rank_dropout": _fraction,
     "module_dropout": _fraction,
-    "loraplus_lr_ratio": _float,
-    "loraplus_unet_lr_ratio": _float,
-    "loraplus_text_encoder_lr_ratio": _float,
+    "loraplus_lr_ratio": _ratio,
+    "loraplus_unet_lr_ratio": _ratio,
+    "loraplus_text_encoder_lr_ratio": _ratio,
 }

@@ -235,7 +235,7 @@ def check_shapes(path: str | os.PathLike, expected: Mapping[str, Tensor], found:
         if not tensor.is_floating_point():
             raise LorakitError(f"{path}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')}; expected "
                                "floating-point weights")
-        if not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor.float() if tensor.dtype.itemsize == 1 else tensor).all():  # float8: no isfinite
             raise LorakitError(f"{path}: tensor {key} holds NaN or infinite values; the file is damaged")
         if tuple(expected[key].shape) != tuple(tensor.shape):
             raise LorakitError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the network expects "

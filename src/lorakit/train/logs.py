@@ -197,6 +197,11 @@ class TrainingLog:
             self._wandb = None
 
 
+# What TensorBoard's SummaryWriter takes besides its folder (a wrong type only fails in its writer thread).
+TENSORBOARD_OPTIONS = {"comment": (str,), "purge_step": (int,), "max_queue": (int,), "flush_secs": (int, float),
+                       "filename_suffix": (str,)}
+
+
 def check_logging(config: Any) -> None:
     """What `TrainingLog.from_config` would refuse, found before any weights load: the trackers, wandb being
     installed, the --log_tracker_config file."""
@@ -204,7 +209,15 @@ def check_logging(config: Any) -> None:
     if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
         raise LorakitError("--log_with wandb: wandb is not installed; install it with pip install 'lorakit[wandb]'")
     if config.log_tracker_config:
-        _read_tracker_config(config.log_tracker_config)
+        tables = _read_tracker_config(config.log_tracker_config)
+        for key, value in tables.get("tensorboard", {}).items():
+            kinds = TENSORBOARD_OPTIONS.get(key)
+            if kinds is None:
+                raise LorakitError(f"--log_tracker_config {config.log_tracker_config}: [tensorboard] {key}: unknown "
+                                   f"option; expected one of {', '.join(TENSORBOARD_OPTIONS)}")
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise LorakitError(f"--log_tracker_config {config.log_tracker_config}: [tensorboard] {key} = "
+                                   f"{value!r}; expected {' or '.join(kind.__name__ for kind in kinds)}")
 
 
 def _trackers(log_with: str | None, logging_dir: str | Path | None) -> set[str]:

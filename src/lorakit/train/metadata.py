@@ -70,7 +70,18 @@ def run_metadata(config: TrainConfig, facts: RunFacts, data: TrainingData, model
 
 def thumbnail_url(value: str | None) -> str | None:
     """--metadata_thumbnail: a `data:` URL as given, an image file as a `data:` URL of its bytes (as sd-scripts)."""
-    if value is None or value.startswith("data:"):
+    if value is None:
+        return value
+    if value.startswith("data:"):
+        header, comma, data = value.partition(",")
+        try:
+            valid = bool(comma) and header.startswith("data:image/") and header.endswith(";base64") and bool(
+                base64.b64decode(data, validate=True))
+        except ValueError:
+            valid = False
+        if not valid:
+            raise LorakitError(f"--metadata_thumbnail {value[:60]}: expected an image data URL "
+                               "(data:image/png;base64,...) or an image file")
         return value
     if kind_of(value, "--metadata_thumbnail") != "file":
         raise LorakitError(f"--metadata_thumbnail {value}: no such file; expected an image file or a data: URL")

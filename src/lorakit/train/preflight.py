@@ -8,7 +8,8 @@ Each input is checked the way the run will use it, so "all inputs checked" means
 - the network on that model: `--network_module`, `--network_args`, `--dim_from_weights`, the names, shapes and
   values of `--network_weights` and `--base_weights`, and its size against the device's memory;
 - the optimizer and the LR schedule: built over stand-ins of the network's parameter groups on the training
-  device and stepped once; the schedule's learning rates are finite from the first step to the last;
+  device and stepped once; the schedule's learning rates are finite from the first step to the last; a
+  `--resume` state restored into stand-ins of the run's network, optimizer and schedule and stepped once;
 - logging (`--log_with`, `--log_tracker_config`), `--metadata_thumbnail`, the samplers of the sample prompts;
 - the CPU: bf16 on a CPU without native bf16 is measured and said in one warning line.
 The datasets (every image decoded), `--resume` and `--sample_prompts` are read before this, by the run itself.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ import torch
 
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
-from lorakit.fileio import kind_of
+from lorakit.fileio import describe_os_error, kind_of
 from lorakit.models import load_sdxl
 from lorakit.models.components import SDXLComponents
 from lorakit.models.loading import check_hub_model, is_hub_id
@@ -36,13 +38,15 @@ from lorakit.network.apply import file_network
 from lorakit.network.io import match_network_weights
 from lorakit.network.network import LoRANetwork
 from lorakit.network.plugins import LORAKIT_MODULE, import_network_module
+from lorakit.train.fused import check_fused_backward
+from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.logs import check_logging
 from lorakit.train.metadata import thumbnail_url
-from lorakit.train.optimizers import build_optimizer
-from lorakit.train.run_setup import base_weight_multipliers, new_network
+from lorakit.train.resume import rehearse_restore
+from lorakit.train.run_setup import base_weight_multipliers, make_lr_scheduler, make_optimizer, new_network
 from lorakit.train.sample_prompts import SamplePrompt
 from lorakit.train.sampling import make_scheduler
-from lorakit.train.schedulers import build_scheduler
+from lorakit.train.state import TrainState
 
 logger = logging.getLogger("lorakit")
 
@@ -59,8 +63,8 @@ class Preflight:
     lines: list[str]
 
 
-def preflight(config: TrainConfig, prompts: list[SamplePrompt], max_train_steps: int,
-              device: torch.device) -> Preflight:
+def preflight(config: TrainConfig, prompts: list[SamplePrompt], resumed: TrainState | None, max_train_steps: int,
+              device: torch.device, world: int) -> Preflight:
     check_input_paths(config)
     check_output_paths(config)
     check_logging(config)
@@ -77,7 +81,9 @@ def preflight(config: TrainConfig, prompts: list[SamplePrompt], max_train_steps:
         network = rehearse_network(config, model)
         lines.append(memory_estimate(config, model, network))
         groups = network_groups(config, network)
-    rehearse_optimization(config, groups, max_train_steps, device)
+    rehearse_optimization(config, groups, max_train_steps, device, world)
+    if resumed is not None and model is not None and isinstance(network, LoRANetwork):
+        rehearse_resume(config, resumed, network, max_train_steps, device)
     lines.append(cpu_precision(config, device))
     return Preflight([line for line in lines if line])
 
@@ -101,6 +107,8 @@ def check_output_paths(config: TrainConfig) -> None:
                        ("--tokenizer_cache_dir", config.tokenizer_cache_dir)):
         if path is not None:
             writable_folder(path, flag)
+    if config.console_log_file and kind_of(config.console_log_file, "--console_log_file") not in (None, "file"):
+        raise LorakitError(f"--console_log_file {config.console_log_file}: not a regular file")
     name = config.output_name or "last"
     for part in Path(name).parts:
         if len(os.fsencode(part + LONGEST_SUFFIX)) > NAME_MAX:
@@ -119,9 +127,12 @@ def writable_folder(path: str, flag: str) -> None:
     if kind != "folder":
         what = "is a file" if current == Path(path).absolute() else f"is inside {current}, which is a file"
         raise LorakitError(f"{flag} {path} {what}; expected a folder")
-    if not os.access(current, os.W_OK | os.X_OK):
-        where = "" if current == Path(path).absolute() else f" (its nearest existing folder {current})"
-        raise LorakitError(f"{flag} {path}{where}: no permission to write there")
+    where = "" if current == Path(path).absolute() else f" (its nearest existing folder {current})"
+    try:  # an unnamed temporary file: permissions, read-only or virtual file systems all answer (root included)
+        with tempfile.TemporaryFile(dir=current):
+            pass
+    except OSError as error:
+        raise LorakitError(f"{flag} {path}{where}: cannot write there ({describe_os_error(error)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- rehearsals
@@ -170,36 +181,57 @@ def network_groups(config: TrainConfig, network) -> list[dict]:
     if not groups:
         raise LorakitError("every learning rate is 0 (--learning_rate, --unet_lr, --text_encoder_lr*): nothing "
                            "would train")
+    for group in groups:
+        if not math.isfinite(group["lr"]):
+            raise LorakitError(f"the learning rate of the {group['name']} group is {group['lr']}: check the "
+                               "learning rates and the loraplus_* ratios of --network_args")
     return [{key: value for key, value in group.items() if key != "params"} for group in groups]
 
 
-def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_steps: int,
-                          device: torch.device) -> None:
-    """Build --optimizer_type with --optimizer_args over stand-in tensors, step it once, and build the LR schedule
-    the run will use; what the libraries refuse becomes one line naming the flags."""
+def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_steps: int, device: torch.device,
+                          world: int) -> None:
+    """Build --optimizer_type with --optimizer_args over stand-in tensors, step it once (gradients with zeros
+    among them, as a fresh LoRA has), check the weights stay finite, and build the LR schedule the run will use;
+    what the libraries refuse becomes one line naming the flags."""
     stand_ins = [{**group, "params": [torch.zeros(8, device=device, requires_grad=True)]} for group in groups]
     what = f"--optimizer_type {config.optimizer_type}" + (
         f" --optimizer_args {' '.join(config.optimizer_args)}" if config.optimizer_args else "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _refusal(what):
-            built = build_optimizer(config.optimizer_type, stand_ins, config.learning_rate, config.optimizer_args,
-                                    lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
+            built = make_optimizer(config, stand_ins)
             for group in built.optimizer.param_groups:
                 for param in group["params"]:
-                    param.grad = torch.full_like(param, 1e-3)
+                    param.grad = torch.tensor([1e-3, 0.0, -1e-3, 0.0, 2e-3, 0.0, -2e-3, 0.0], device=device)
             built.optimizer.step()
+        if not all(torch.isfinite(p).all() for group in built.optimizer.param_groups for p in group["params"]):
+            raise LorakitError(f"{what}: one step at the groups' learning rates gives NaN or infinite weights; check "
+                               "the arguments and the learning rates (eps=0 divides by a fresh LoRA's zero gradients)")
+        gradient_scaler(config.mixed_precision, full_fp16=config.full_fp16,
+                        fused_backward_pass=config.fused_backward_pass, device_type=device.type)
+        if config.fused_backward_pass:
+            check_fused_backward(built.optimizer_class, config.gradient_accumulation_steps, world)
         schedule = config.lr_scheduler_type or built.lr_scheduler or config.lr_scheduler
         with _refusal(f"--lr_scheduler {schedule}" + (f" --lr_scheduler_args {' '.join(config.lr_scheduler_args)}"
                                                       if config.lr_scheduler_args else "")):
-            scheduler = build_scheduler(
-                built.optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=max_train_steps,
-                warmup_steps=config.lr_warmup_steps, decay_steps=config.lr_decay_steps,
-                num_cycles=config.lr_scheduler_num_cycles, power=config.lr_scheduler_power,
-                timescale=config.lr_scheduler_timescale, min_lr_ratio=config.lr_scheduler_min_lr_ratio,
-                scheduler_type=config.lr_scheduler_type, scheduler_args=config.lr_scheduler_args,
-                schedule_free=built.schedule_free)
-            _check_learning_rates(scheduler, max_train_steps, schedule)
+            _check_learning_rates(make_lr_scheduler(config, built, max_train_steps), max_train_steps, schedule)
+
+
+def rehearse_resume(config: TrainConfig, resumed: TrainState, network: LoRANetwork, max_train_steps: int,
+                    device: torch.device) -> None:
+    """--resume into stand-ins of the run's network (real tensors of its shapes, uninitialised), optimizer,
+    schedule and scaler, and one step (`lorakit.train.resume.rehearse_restore`)."""
+    network.to_empty(device=device)
+    network.to(torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else torch.float32)
+    groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
+                                      config.learning_rate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = make_optimizer(config, groups)
+        scheduler = make_lr_scheduler(config, built, max_train_steps)
+        scaler = gradient_scaler(config.mixed_precision, full_fp16=config.full_fp16,
+                                 fused_backward_pass=config.fused_backward_pass, device_type=device.type)
+        rehearse_restore(resumed, network, built.optimizer, scheduler, scaler)
 
 
 def _check_learning_rates(scheduler, max_train_steps: int, schedule: str) -> None:

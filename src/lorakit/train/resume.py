@@ -3,16 +3,20 @@ and the loop's progress that the next state carries on (`lorakit.train.state` wr
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.train.logs import MovingAverage
-from lorakit.train.state import TrainState, read_state, set_rng_state
+from lorakit.train.state import TrainState, preserved_rng, read_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +28,59 @@ class StartPosition:
     batches_done: int  # batches of that epoch already consumed (per process)
 
 
-PROGRESS_KEYS = ("global_step", "epoch", "batches_done", "epoch_finished", "seed", "moving_average", "epoch_losses")
+def _is_int(value: Any, low: int, high: int = 2**63 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What the run reads from a state's progress.json, and what each value must be.
+PROGRESS_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "global_step": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "epoch": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "batches_done": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "epoch_finished": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": (lambda v: _is_int(v, 0, 2**32 - 1), "a seed from 0 to 4294967295"),
+    "num_processes": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "moving_average": (lambda v: isinstance(v, dict) and _is_int(v.get("window"), 1)
+                       and isinstance(v.get("values"), list) and all(map(_is_number, v["values"])),
+                       "{window, values}"),
+    "epoch_losses": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+}
 
 
 def read_resumed(folder: str | None) -> TrainState | None:
-    """--resume: the state, with everything the run reads from its progress present."""
+    """--resume: the state, with every progress value the run reads present and of its kind."""
     if folder is None:
         return None
     resumed = read_state(folder)
-    missing = [key for key in PROGRESS_KEYS if key not in resumed.progress]
-    if missing:
-        raise LorakitError(f"--resume {folder}: its progress.json lacks {', '.join(missing)}; it is damaged, or "
-                           "not a state lorakit saved")
+    for key, (valid, expected) in PROGRESS_RULES.items():
+        if key not in resumed.progress and key != "num_processes":
+            raise LorakitError(f"--resume {folder}: its progress.json lacks {key}; it is damaged, or not a state "
+                               "lorakit saved")
+        if key in resumed.progress and not valid(resumed.progress[key]):
+            raise LorakitError(f"--resume {folder}: progress.json {key} is {resumed.progress[key]!r}; expected "
+                               f"{expected}")
     return resumed
+
+
+def rehearse_restore(resumed: TrainState, network, optimizer, lr_scheduler, scaler) -> None:
+    """Restore the state into stand-ins of the run's network, optimizer and schedule, and take one step: what
+    does not fit (shapes, optimizer or schedule settings, RNG states) is one line before any weight is read. The
+    global RNGs are put back afterwards, and the state itself is not touched (a loaded optimizer shares its
+    tensors, and the step would change them)."""
+    with preserved_rng():
+        restore(copy.deepcopy(resumed), network, optimizer, lr_scheduler, scaler, rank=0)
+        try:
+            for param in network.parameters():
+                param.grad = torch.zeros_like(param) if param.requires_grad else None
+            optimizer.step()
+            lr_scheduler.step()
+        except Exception as error:  # noqa: BLE001 - whatever the libraries raise for a state that does not fit
+            raise LorakitError(f"--resume: the state's optimizer or schedule does not fit this run "
+                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def run_seed(config: TrainConfig, resumed: TrainState | None) -> int:
@@ -93,16 +137,23 @@ def restore(state: TrainState, network, optimizer, lr_scheduler, scaler, rank: i
                            f"--network_args and the trained parts): {detail}") from None
     try:
         optimizer.load_state_dict(state.optimizer)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise LorakitError(f"--resume: the state's optimizer does not match this run's (--optimizer_type, "
                            f"learning rates): {error}") from None
-    lr_scheduler.load_state_dict(state.scheduler)
-    if state.scaler:  # a disabled scaler (the run is not fp16) ignores it
-        scaler.load_state_dict(state.scaler)
-    if rank >= len(state.rng):
+    try:
+        lr_scheduler.load_state_dict(state.scheduler)
+        if state.scaler:  # a disabled scaler (the run is not fp16) ignores it
+            scaler.load_state_dict(state.scaler)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise LorakitError(f"--resume: the state's LR schedule or loss scaler is damaged ({error})") from None
+    if rank >= len(state.rng) and state.rng:
         logger.warning("--resume: the state was saved by %d processes; rank %d starts from rank 0's RNG states",
                        len(state.rng), rank)
-    set_rng_state(state.rng[rank if rank < len(state.rng) else 0])
+    try:
+        set_rng_state(state.rng[rank if rank < len(state.rng) else 0])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as error:
+        raise LorakitError(f"--resume: the state's RNG states (rng.json) are damaged ({type(error).__name__}: "
+                           f"{error})") from None
 
 
 def advance_scheduler(lr_scheduler, steps: int) -> None:

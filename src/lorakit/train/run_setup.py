@@ -18,6 +18,8 @@ from lorakit.network.apply import network_from_file, to_sgm_names
 from lorakit.network.io import load_network_weights, read_lora
 from lorakit.network.network import LoRANetwork
 from lorakit.network.plugins import LORAKIT_MODULE, create_network
+from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
+from lorakit.train.schedulers import build_scheduler
 
 logger = logging.getLogger("lorakit")
 
@@ -145,6 +147,24 @@ def network_args_dict(config: TrainConfig) -> dict[str, str] | None:
             raise LorakitError(f"--network_args {item!r}: expected key=value")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict]) -> BuiltOptimizer:
+    """--optimizer_type with --optimizer_args over the network's parameter groups."""
+    return build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args,
+                           lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
+
+
+def make_lr_scheduler(config: TrainConfig, built: BuiltOptimizer, max_train_steps: int):
+    """The run's LR schedule. The loop steps it once per optimizer step whatever the number of processes
+    (accelerate's prepared scheduler, which steps once per process, is not used), so steps are never multiplied."""
+    return build_scheduler(
+        built.optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=max_train_steps,
+        num_processes=1, warmup_steps=config.lr_warmup_steps, decay_steps=config.lr_decay_steps,
+        num_cycles=config.lr_scheduler_num_cycles, power=config.lr_scheduler_power,
+        timescale=config.lr_scheduler_timescale, min_lr_ratio=config.lr_scheduler_min_lr_ratio,
+        scheduler_type=config.lr_scheduler_type, scheduler_args=config.lr_scheduler_args,
+        schedule_free=built.schedule_free)
 
 
 def base_weight_multipliers(config: TrainConfig) -> list[float]:

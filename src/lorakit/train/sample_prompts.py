@@ -15,11 +15,13 @@ or an entry without a prompt is a LorakitError.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lorakit.config.flags import MAX_SIDE
 from lorakit.errors import LorakitError
 from lorakit.fileio import parse_json, parse_toml, read_text
 
@@ -161,16 +163,18 @@ def _integer(value: Any) -> int:
     return int(value)
 
 
-def _non_negative(value: Any) -> int:
+def _seed(value: Any) -> int:
     number = _integer(value)
-    if number < 0:
+    if not 0 <= number < 2**63:  # what a torch.Generator takes
         raise ValueError(value)
     return number
 
 
 def _size(value: Any) -> int:
-    """Floored to a multiple of 8 (the VAE's factor), at least 64."""
+    """Floored to a multiple of 8 (the VAE's factor), at least 64 (as sd-scripts); at most the largest side."""
     number = _integer(value)
+    if not 1 <= number <= MAX_SIDE:
+        raise ValueError(value)
     return max(MIN_SIZE, number - number % 8)
 
 
@@ -181,7 +185,10 @@ def _steps(value: Any) -> int:
 def _scale(value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError(value)
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
 
 
 def _text(value: Any) -> str:
@@ -200,10 +207,10 @@ def _sampler(value: Any) -> str:
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "prompt": (_text, "a string"),
     "negative_prompt": (_text, "a string"),
-    "width": (_size, "an integer"),
-    "height": (_size, "an integer"),
+    "width": (_size, f"an integer from 1 to {MAX_SIDE}"),
+    "height": (_size, f"an integer from 1 to {MAX_SIDE}"),
     "steps": (_steps, "an integer"),
-    "scale": (_scale, "a number"),
-    "seed": (_non_negative, "an integer >= 0"),
+    "scale": (_scale, "a finite number"),
+    "seed": (_seed, "an integer from 0 to below 2**63"),
     "sampler": (_sampler, "one of " + ", ".join(SAMPLER_NAMES)),
 }

@@ -229,14 +229,17 @@ def complete_states(directory: Path) -> dict[Path, int]:
         for candidate in directory.iterdir():
             if candidate.is_dir() and (candidate / MARKER).is_file():
                 try:
-                    found[candidate] = int(json.loads((candidate / "progress.json").read_text())["global_step"])
-                except (OSError, ValueError, KeyError):
+                    step = json.loads((candidate / "progress.json").read_text())["global_step"]
+                except (OSError, ValueError, KeyError, TypeError):  # unreadable: not a state to offer
                     continue
+                if isinstance(step, int) and not isinstance(step, bool):
+                    found[candidate] = step
     return found
 
 
 def _last_complete_hint(folder: Path) -> str:
-    states = complete_states(folder.parent)
+    states = {path: step for path, step in complete_states(folder.parent).items()
+              if path.resolve() != folder.resolve()}
     if not states:
         return f"; there is no complete state beside it in {folder.parent}"
     last = max(states, key=lambda p: (states[p], p.name))

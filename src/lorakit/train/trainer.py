@@ -78,16 +78,16 @@ from lorakit.train.logs import TrainingLog, epoch_logs, step_logs, validation_lo
 from lorakit.train.loss import LossOptions
 from lorakit.train.metadata import RunFacts, run_metadata
 from lorakit.train.noise import NoiseOptions, noise_schedule
-from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
+from lorakit.train.optimizers import BuiltOptimizer
 from lorakit.train.processes import all_reduce_sum, average_gradients, stop_requested
 from lorakit.train.resume import RunProgress, advance_scheduler, read_resumed, restore, run_seed, start_position
 from lorakit.train.preflight import preflight
-from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator, make_network,
-                                     network_args_dict, plugin_groups, release_freed_memory, store_base_weights)
+from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator,
+                                     make_lr_scheduler, make_network, make_optimizer, network_args_dict,
+                                     plugin_groups, release_freed_memory, store_base_weights)
 from lorakit.train.sample_prompts import SamplePrompt, load_sample_prompts
 from lorakit.train.sampling import generate_samples, should_sample
 from lorakit.train.saving import Checkpointer
-from lorakit.train.schedulers import build_scheduler
 from lorakit.train.step import StepOptions, TextEncoding, diffusion_loss, predict
 from lorakit.train.validation import should_validate, validation_loss, validation_timesteps
 
@@ -145,7 +145,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise LorakitError(f"the run would start at {where} step {start.global_step}, at or past its last step "
                            f"{plan.max_train_steps}: nothing to train (raise --max_train_steps or "
                            "--max_train_epochs to go on)")
-    checked = preflight(config, prompts, plan.max_train_steps, accelerator.device)
+    checked = preflight(config, prompts, resumed, plan.max_train_steps, accelerator.device, world)
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
@@ -521,19 +521,10 @@ def build_optimization(config: TrainConfig, network, max_train_steps: int, world
     groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
                                       config.learning_rate) if isinstance(network, LoRANetwork) else \
         plugin_groups(network, config)
-    built = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args,
-                            lr_scheduler=config.lr_scheduler, max_grad_norm=config.max_grad_norm)
+    built = make_optimizer(config, groups)
     for warning in built.warnings:
         logger.warning(warning)
-    lr_scheduler = build_scheduler(
-        # The loop steps the schedule once per optimizer step whatever the number of processes (accelerate's
-        # prepared scheduler, which steps once per process, is not used), so steps are never multiplied.
-        built.optimizer, built.lr_scheduler or config.lr_scheduler, max_train_steps=max_train_steps,
-        num_processes=1, warmup_steps=config.lr_warmup_steps,
-        decay_steps=config.lr_decay_steps, num_cycles=config.lr_scheduler_num_cycles,
-        power=config.lr_scheduler_power, timescale=config.lr_scheduler_timescale,
-        min_lr_ratio=config.lr_scheduler_min_lr_ratio, scheduler_type=config.lr_scheduler_type,
-        scheduler_args=config.lr_scheduler_args, schedule_free=built.schedule_free)
+    lr_scheduler = make_lr_scheduler(config, built, max_train_steps)
     if config.fused_backward_pass:  # each parameter steps in its gradient hook; the loop only steps the schedule
         fuse_backward(built.optimizer, built.make, gradient_accumulation_steps=config.gradient_accumulation_steps,
                       max_grad_norm=config.max_grad_norm, num_processes=world)
