@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import sys
@@ -164,6 +165,13 @@ def _checkpoints(root: Path, model: Path, diffusers: Path, f: dict[str, Path]) -
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         (f["diffusers_bad_config"] / part).mkdir()
         (f["diffusers_bad_config"] / part / "config.json").write_text("{broken")
+    f["diffusers_empty_unet_config"] = root / "diffusers-empty-unet-config"
+    shutil.copytree(diffusers, f["diffusers_empty_unet_config"])
+    (f["diffusers_empty_unet_config"] / "unet" / "config.json").write_text("{}")
+    f["diffusers_no_te2_weights"] = root / "diffusers-no-te2-weights"
+    shutil.copytree(diffusers, f["diffusers_no_te2_weights"])
+    for weights in (f["diffusers_no_te2_weights"] / "text_encoder_2").glob("*.safetensors"):
+        weights.unlink()
 
 
 class _Payload:
@@ -257,6 +265,13 @@ def _images(root: Path, f: dict[str, Path]) -> None:
     f["images_none"] = empty
 
 
+def _fifo(path: Path) -> Path:
+    """A named pipe: reading it would block until a writer comes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
 def _cut_idat(png: bytes) -> bytes:
     """A PNG whose compressed pixel stream stops half-way, in chunks with valid CRCs (verify() passes)."""
     out, pos = bytearray(png[:8]), 8
@@ -293,7 +308,7 @@ def _png_header(width: int, height: int) -> bytes:
 def cases(world: World) -> list[Case]:
     return (flag_cases(world) + config_file_cases(world) + dataset_cases(world) + path_cases(world)
             + image_cases(world) + text_file_cases(world) + checkpoint_cases(world) + lora_cases(world)
-            + argument_cases(world) + good_cases(world))
+            + argument_cases(world) + state_cases(world) + good_cases(world))
 
 
 # Flags whose good value needs partners, or a file of the world, or cannot be walked with a plain value.
@@ -372,6 +387,7 @@ def flag_cases(world: World) -> list[Case]:
         elif flag.parse is int:
             bad("not an integer", option, "x")
             bad("a fraction", option, "1.5")
+            bad("beyond 64 bits", option, str(2**80))
             if flag.bounds is not None and flag.bounds.low is not None:
                 bad("below its range", f"{option}={int(flag.bounds.low) - 1}")
             if flag.bounds is not None and flag.bounds.high is not None:
@@ -437,6 +453,13 @@ def config_file_cases(world: World) -> list[Case]:
         ("bad choice", toml("choice", "mixed_precision = 'fp32'\n"), "mixed_precision"),
         ("resolution string", toml("reso", "resolution = 'big'\n"), "resolution"),
     ]
+    fifo = root / "config" / "fifo.toml"
+    os.mkfifo(fifo)
+    bad += [
+        ("a named pipe", fifo, "fifo.toml"),
+        ("NUL in a path", toml("nul", 'sample_prompts = "a\\u0000b"\n'), "--sample_prompts"),
+        ("NUL in a text value", toml("nultext", 'metadata_author = "a\\u0000b"\n'), "--metadata_author"),
+    ]
     result = [Case("config_file", name, ("--config_file", str(path)), culprit) for name, path, culprit in bad]
     good = toml("good", "[model]\nnetwork_dim = 8\n[training]\nlearning_rate = 1e-4\nlr_warmup_steps = '10%'\n"
                         "lr_scheduler = 'cosine'\nunknown_key = 1\n")
@@ -492,9 +515,10 @@ def dataset_cases(world: World) -> list[Case]:
         ("zero batch", dataset("zerobatch", datasets="batch_size = 0"), "batch_size"),
         ("huge max bucket", dataset("hugebucket", datasets="enable_bucket = true\nmax_bucket_reso = "
                                                             f"{2**62}"), "max_bucket_reso"),
-        ("min bucket below step", dataset("minstep", datasets="enable_bucket = true\nmin_bucket_reso = 64\n"
-                                                              "bucket_reso_steps = 128\nmax_bucket_reso = 256"),
-         "min_bucket_reso"),
+        ("min bucket below step", dataset("minstep", text=f"[[datasets]]\nresolution = 256\nenable_bucket = true\n"
+                                                          "min_bucket_reso = 64\nbucket_reso_steps = 128\n"
+                                                          f"max_bucket_reso = 256\n[[datasets.subsets]]\n"
+                                                          f"image_dir = '{images}'\n"), "min_bucket_reso"),
         ("step not a multiple of 32", dataset("step48", datasets="bucket_reso_steps = 48"), "bucket_reso_steps"),
         ("min above resolution", dataset("minreso", datasets="enable_bucket = true\nmin_bucket_reso = 128"),
          "min_bucket_reso"),
@@ -520,7 +544,20 @@ def dataset_cases(world: World) -> list[Case]:
         ("datasets not an array", dataset("notarray", text="datasets = 3\n"), "datasets"),
         ("subset not a table", dataset("subsetint", text="[[datasets]]\nresolution = 64\nsubsets = [1]\n"),
          "subsets"),
+        ("resolution 8 without buckets", dataset("reso8", text=f"[[datasets]]\nresolution = 8\n"
+                                                              f"[[datasets.subsets]]\nimage_dir = '{images}'\n"),
+         "resolution"),
+        ("resolution 100 without buckets", dataset("reso100", text=f"[[datasets]]\nresolution = 100\n"
+                                                                  f"[[datasets.subsets]]\nimage_dir = '{images}'\n"),
+         "resolution"),
+        ("resolution below the step", dataset("reso31", datasets="enable_bucket = true\nbucket_no_upscale = true\n"
+                                                                 "bucket_reso_steps = 32", text=None).parent
+         / "reso31.toml", "resolution"),
+        ("a named pipe", _fifo(root / "datasets" / "pipe.toml"), "pipe.toml"),
     ]
+    (root / "datasets" / "reso31.toml").write_text(
+        f"[[datasets]]\nresolution = 31\nenable_bucket = true\nbucket_no_upscale = true\nbucket_reso_steps = 32\n"
+        f"[[datasets.subsets]]\nimage_dir = '{images}'\n")
     result = [Case("dataset_toml", name, ("--dataset_config", str(path)), culprit) for name, path, culprit in bad]
     good = [
         ("bucketing", dataset("bucket", datasets="enable_bucket = true\nmin_bucket_reso = 64\nmax_bucket_reso = 128\n"
@@ -560,6 +597,10 @@ def path_cases(world: World) -> list[Case]:
              "--train_data_dir", dataset=False),
         Case("paths", "metadata_thumbnail not an image", ("--metadata_thumbnail", a_file), "--metadata_thumbnail"),
         Case("paths", "sample_prompts a folder", ("--sample_prompts", str(root)), "--sample_prompts"),
+        Case("paths", "metadata_thumbnail a text data URL", ("--metadata_thumbnail", "data:text/plain,hi"),
+             "--metadata_thumbnail"),
+        Case("paths", "console_log_file a device", ("--console_log_file", "/dev/null"), "--console_log_file"),
+        Case("paths", "output_dir empty", ("--output_dir=",), "--output_dir"),
         Case("paths", "conditioning_data_dir missing", ("--conditioning_data_dir", str(files["missing"]),
                                                         "--masked_loss"), None),
     ]
@@ -650,6 +691,19 @@ def text_file_cases(world: World) -> list[Case]:
         Case("text_files", "metadata_file bad JSONL", metadata("m4.jsonl", '{"image_path": 1}\n'), "m4.jsonl"),
         Case("text_files", "metadata_file long key", metadata("m5.json", json.dumps({"k" * 5000: {"caption": "a"}})),
              "m5.json"),
+        Case("text_files", "metadata_file caption a number", metadata("m7.json", '{"image_000": {"caption": 5}}'),
+             "m7.json"),
+        Case("text_files", "sample_prompts a named pipe", ("--sample_prompts", str(_fifo(root / "text" / "p.fifo"))),
+             "p.fifo"),
+        Case("text_files", "sample_prompts scale nan", ("--sample_prompts", text("nan.txt", "a cat --l nan")),
+             "nan.txt"),
+        Case("text_files", "sample_prompts width huge", ("--sample_prompts", text("wide.txt", "a cat --w 100000000")),
+             "wide.txt"),
+        Case("text_files", "sample_prompts seed huge", ("--sample_prompts", text("seed.txt", "a cat --d " + "9" * 30)),
+             "seed.txt"),
+        Case("text_files", "log_tracker_config option of the wrong type",
+             ("--logging_dir", str(root / "tb"), "--log_tracker_config",
+              text("t3.toml", "[tensorboard]\nflush_secs = 'x'\n")), "flush_secs"),
         Case("text_files", "metadata_file good", metadata("m6.json", json.dumps(
             {"image_000": {"caption": "a red thing"}, "image_001.png": {"tags": "x, y"}})), None),
         Case("text_files", "log_tracker_config latin-1", ("--logging_dir", str(root / "tb"), "--log_tracker_config",
@@ -686,6 +740,8 @@ def checkpoint_cases(world: World) -> list[Case]:
         model(world.root / "no-such-dir" / "model", "no-such-dir/model"),
         Case("checkpoints", "vae truncated", ("--vae", str(f["truncated_model"])), "truncated.safetensors"),
         Case("checkpoints", "vae is a LoRA", ("--vae", str(f["good_lora"])), "good-lora.safetensors"),
+        model(f["diffusers_empty_unet_config"], "diffusers-empty-unet-config"),
+        model(f["diffusers_no_te2_weights"], "text_encoder_2"),
         Case("checkpoints", "diffusers folder", ("--pretrained_model_name_or_path", str(world.diffusers)), None),
         Case("checkpoints", "vae from the checkpoint", ("--vae", str(world.model)), None),
     ]
@@ -760,7 +816,10 @@ def argument_cases(world: World) -> list[Case]:
         case("every lr weight zero", "nothing", "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0,0,0",
              "up_lr_weight=zeros", "--network_dim", "2"),
         case("learning rate zero everywhere", "learning rate", "--learning_rate", "0"),
-        case("initial step past the end", "nothing to train", "--initial_step", "99999999999"),
+        case("optimizer eps=0", "--optimizer_args", "--optimizer_args", "eps=0"),
+        case("optimizer weight_decay infinite", "--optimizer_args", "--optimizer_args", "weight_decay=1e400"),
+        case("LoRA+ ratio huge", "loraplus_unet_lr_ratio", "--network_args", "loraplus_unet_lr_ratio=1e308"),
+        case("initial step past the end", "nothing to train", "--initial_step", "99999"),
         case("initial epoch past the end", "nothing to train", "--initial_epoch", "5", "--max_train_epochs", "4"),
         case("fp16 on a CPU", "--mixed_precision fp16", "--mixed_precision", "fp16"),
         case("caption_separator empty", "--caption_separator", "--caption_separator=", "--shuffle_caption"),
@@ -777,6 +836,49 @@ def argument_cases(world: World) -> list[Case]:
         case("good block weights", None, "--network_args", "down_lr_weight=cosine+.25", "mid_lr_weight=1,1,1",
              "up_lr_weight=linear", "--network_dim", "2"),
         case("good LoRA+", None, "--network_args", "loraplus_lr_ratio=16"),
+    ]
+
+
+def state_cases(world: World) -> list[Case]:
+    """--resume with a real state (one step, saved) and damaged copies of it."""
+    from lorakit.train.cli import main
+
+    saved = world.root / "state-run"
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        code = main(world.base() + ["--output_dir", str(saved), "--max_train_steps", "1", "--network_dim", "2",
+                                    "--save_state"], prog=PROG)
+    assert code == 0, "the state run failed"
+    state = saved / "lora-state"
+
+    def damaged(name: str, change) -> str:
+        copy = world.root / "states" / name / "lora-state"
+        shutil.copytree(state, copy)
+        change(copy)
+        return str(copy)
+
+    def progress(**values):
+        def change(folder: Path) -> None:
+            data = json.loads((folder / "progress.json").read_text())
+            (folder / "progress.json").write_text(json.dumps(data | values))
+        return change
+
+    def case(name: str, culprit: str | None, *words: str) -> Case:
+        return Case("states", name, ("--network_dim", "2", "--max_train_steps", "3", *words), culprit)
+
+    return [
+        case("good state", None, "--resume", str(state)),
+        case("seed a string", "seed", "--resume", damaged("seed", progress(seed="abc"))),
+        case("epoch 0", "epoch", "--resume", damaged("epoch", progress(epoch=0))),
+        case("negative step", "global_step", "--resume", damaged("step", progress(global_step=-10))),
+        case("losses not numbers", "epoch_losses", "--resume", damaged("losses", progress(epoch_losses=["x"]))),
+        case("rng garbage", "rng.json", "--resume", damaged("rng", lambda f: (f / "rng.json").write_text("[1]"))),
+        case("scheduler garbage", "--resume", "--resume", damaged("sched", lambda f: (f / "scheduler.json")
+                                                                  .write_text('{"base_lrs": "x"}'))),
+        case("network truncated", "--resume", "--resume", damaged("net", lambda f: (f / "network.safetensors")
+                                                                  .write_bytes(b"12345678"))),
+        case("another rank", "--resume", "--resume", str(state), "--network_dim", "4"),
+        case("no marker", "--resume", "--resume", damaged("marker", lambda f: (f / "COMPLETE").unlink())),
+        case("finished run", "nothing to train", "--resume", str(state), "--max_train_steps", "1"),
     ]
 
 

@@ -12,9 +12,9 @@ import bad_inputs
 def test_every_generated_input(tiny_single_file, tiny_diffusers_dir, tmp_path, fresh_accelerate_state):
     world = bad_inputs.build_world(tmp_path / "world", tiny_single_file, tiny_diffusers_dir)
     generated = bad_inputs.cases(world)
-    assert len(generated) > 600 and {case.category for case in generated} >= {
+    assert len(generated) > 700 and {case.category for case in generated} >= {
         "flags", "config_file", "dataset_toml", "paths", "images", "text_files", "checkpoints", "lora_files",
-        "arguments", "good"}
+        "arguments", "states", "good"}
     outcomes = bad_inputs.run_all(world, generated)
     report = bad_inputs.summary(outcomes)
     (tmp_path / "summary.txt").write_text(report)
