@@ -33,13 +33,13 @@ DESIGN_COMMAND = """
 """.split()
 
 
-def test_every_reference_flag_is_in_the_table_and_only_three_are_added():
+def test_every_reference_flag_is_in_the_table_and_only_four_are_added():
     assert len(REFERENCE_FLAGS) == len(set(REFERENCE_FLAGS)) == 196
     options = {flag.option: flag for flag in iter_flags()}
     assert [name for name in REFERENCE_FLAGS if name not in options] == []
     assert all(options[name].kohya for name in REFERENCE_FLAGS)
     added = {flag.option for flag in iter_flags() if not flag.kohya}
-    assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run"}
+    assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run", "--model_family"}
     assert set(options) == set(REFERENCE_FLAGS) | added
 
 
@@ -94,7 +94,7 @@ def test_help_is_grouped_in_table_order_and_lists_every_flag(capsys):
         if section + 1 < len(positions):
             assert position < positions[section + 1], flag.name
     words = " ".join(text.split())
-    assert "--v2 [not supported yet: lorakit trains SDXL models only]" in words
+    assert "--v2 [not supported yet: SDXL has no v2: train_network.py (--model_family sd1/sd2) trains SD 2.x]" in words
     assert "--lr_warmup_steps N|RATIO|N% warm-up steps" in words  # '%' survives argparse's %-formatting
 
 

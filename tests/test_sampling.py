@@ -17,6 +17,7 @@ from PIL import Image
 from lorakit.errors import LorakitError
 from lorakit.network.network import build_network
 from lorakit.testing.random_models import random_components
+from lorakit.families import family_named
 from lorakit.train.sample_prompts import SAMPLER_NAMES, SamplePrompt, parse_sample_prompts
 from lorakit.train.sampling import CONTACT_MIN_WIDTH, SAMPLERS, generate_samples, make_scheduler, should_sample
 
@@ -31,8 +32,8 @@ def components():
 
 def sample(components, prompts, tmp_path, output_name="lora", step=12, epoch=None, **kwargs):
     c = components
-    return generate_samples(c.unet, c.vae, c.text_encoder1, c.text_encoder2, c.tokenizer1, c.tokenizer2, prompts,
-                            tmp_path, output_name, step, epoch, **kwargs)
+    return generate_samples(family_named("sdxl"), c, c.unet, c.text_encoders, prompts, tmp_path, output_name, step,
+                            epoch, **kwargs)
 
 
 def pixels(path) -> np.ndarray:

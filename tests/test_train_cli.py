@@ -106,7 +106,7 @@ def test_lorakit_train_help_is_grouped():
 @pytest.mark.parametrize("argv, message", [
     (["--lerning_rate", "1e-4"], "unrecognized argument --lerning_rate (did you mean --learning_rate?)"),
     (["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config", "d.toml", "--v2"],
-     "not supported yet: --v2 (lorakit trains SDXL models only)"),
+     "not supported yet: --v2 (SDXL has no v2: train_network.py (--model_family sd1/sd2) trains SD 2.x)"),
     (["--network_dim", "eight"], "argument --network_dim: invalid int value: 'eight'"),
 ])
 def test_bad_flags_are_one_line_and_exit_code_2(argv, message):

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 FLAG_KEY = "lorakit.flag"
 MAX_SIDE = 8192  # pixels: the largest resolution or bucket side accepted (SDXL trains at 1024)
@@ -58,6 +58,9 @@ class Flag:
     secret: bool = False  # never written to --output_config files or metadata
     to_file: Callable[[Any], Any] | None = None  # typed value -> the TOML value both tools read back
     bounds: Bounds | None = None  # the accepted range of a numeric flag (each value of a list flag)
+    # Model families that treat the flag otherwise than `refused` says: family -> its reason, or None when the
+    # family implements it (`refused` is then the other families' reason).
+    families: Mapping[str, str | None] | None = None
 
     @property
     def option(self) -> str:
@@ -69,10 +72,15 @@ class Flag:
 
     @property
     def implemented(self) -> bool:
+        """Implemented by the default family's trainer (SDXL, sdxl_train_network.py)."""
         return self.refused is None
 
-    def refusal(self) -> str:
-        return f"not supported yet: {self.option} ({self.refused})"
+    def refused_for(self, family: str) -> str | None:
+        """Why `family`'s trainer refuses a non-default value, or None when it implements the flag."""
+        return self.families.get(family, self.refused) if self.families else self.refused
+
+    def refusal(self, family: str = "sdxl") -> str:
+        return f"not supported yet: {self.option} ({self.refused_for(family)})"
 
     def value_name(self) -> str:
         """How the value is written in help and docs: N, X, PATH, {a,b}, ..."""
@@ -103,12 +111,15 @@ class Group:
 
     def flag(self, default: Any, parse: Callable[[str], Any], help: str, *, choices: tuple[Any, ...] | None = None,
              many: bool = False, metavar: str | None = None, kohya: bool = True, refused: str | None = None,
-             secret: bool = False, to_file: Callable[[Any], Any] | None = None, bounds: Bounds | None = None) -> Any:
-        flag = Flag("", self, help, default, parse, choices, many, metavar, kohya, refused, secret, to_file, bounds)
+             secret: bool = False, to_file: Callable[[Any], Any] | None = None, bounds: Bounds | None = None,
+             families: Mapping[str, str | None] | None = None) -> Any:
+        flag = Flag("", self, help, default, parse, choices, many, metavar, kohya, refused, secret, to_file, bounds,
+                    families)
         return dataclasses.field(default=default, repr=not secret, metadata={FLAG_KEY: flag})
 
-    def switch(self, help: str, *, kohya: bool = True, refused: str | None = None) -> Any:
-        flag = Flag("", self, help, False, None, kohya=kohya, refused=refused)
+    def switch(self, help: str, *, kohya: bool = True, refused: str | None = None,
+               families: Mapping[str, str | None] | None = None) -> Any:
+        flag = Flag("", self, help, False, None, kohya=kohya, refused=refused, families=families)
         return dataclasses.field(default=False, metadata={FLAG_KEY: flag})
 
 

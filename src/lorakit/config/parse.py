@@ -74,23 +74,32 @@ def help_text(flag: Flag) -> str:
     return text
 
 
-def parse_train_args(argv: Sequence[str], prog: str | None = None) -> TrainConfig:
-    """The validated TrainConfig of a training command line (`prog` names the command in `--help`).
-    `--output_config` writes the file and raises SystemExit(0), like `--help`."""
+def parse_train_args(argv: Sequence[str], prog: str | None = None, family: str = "sdxl") -> TrainConfig:
+    """The validated TrainConfig of a training command line (`prog` names the command in `--help`; `family` is
+    the model family of the entry point: "sdxl" for sdxl_train_network.py, "sd1" for train_network.py, which
+    --model_family overrides and --v2 turns into "sd2"). `--output_config` writes the file and raises
+    SystemExit(0), like `--help`."""
     given = command_line_values(argv, prog)
-    _refuse_unsupported(given)
     if given.get("output_config"):
+        _refuse_unsupported(given, model_family(family, given))
         if not given.get("config_file"):
             raise LorakitError("--output_config needs --config_file naming the TOML to write")
         written = write_config_file(given, given["config_file"])
         print(f"wrote the arguments to {written}")
         raise SystemExit(0)
     from_file = read_config_file(given["config_file"]) if given.get("config_file") else {}
-    _refuse_unsupported(from_file)
     values = {flag.name: flag.default for flag in iter_flags()} | from_file | given
+    values["model_family"] = model_family(family, values)
+    _refuse_unsupported(from_file | given, values["model_family"])
     config = normalise(TrainConfig(**values))
     validate(config)
     return config
+
+
+def model_family(entry: str, values: Mapping[str, Any]) -> str:
+    """--model_family, else the entry point's; SD 1.x with --v2 is SD 2.x."""
+    family = values.get("model_family") or entry
+    return "sd2" if family == "sd1" and values.get("v2") else family
 
 
 def command_line_values(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
@@ -111,10 +120,10 @@ def _unrecognised(extras: list[str]) -> str:
     return f"unrecognized argument {options[0]}{hint}"
 
 
-def _refuse_unsupported(values: Mapping[str, Any]) -> None:
+def _refuse_unsupported(values: Mapping[str, Any], family: str) -> None:
     for flag in iter_flags():
-        if flag.refused and flag.name in values and values[flag.name] != flag.default:
-            raise LorakitError(flag.refusal())
+        if flag.refused_for(family) and flag.name in values and values[flag.name] != flag.default:
+            raise LorakitError(flag.refusal(family))
 
 
 def config_file_path(path: str | Path) -> Path:
@@ -201,6 +210,10 @@ def normalise(config: TrainConfig) -> TrainConfig:
     if rates and len(rates) > 2:
         raise LorakitError(f"--text_encoder_lr {' '.join(map(str, rates))}: expected one rate (both text "
                            "encoders) or two (TE1 TE2)")
+    if rates and len(rates) == 2 and config.model_family != "sdxl":
+        raise LorakitError(f"--text_encoder_lr {' '.join(map(str, rates))}: SD 1.x/2.x have one text encoder, so "
+                           "expected one rate")
+    changes["v2"] = config.v2 or config.model_family == "sd2"
     changes["text_encoder_lr"] = rates
     changes["text_encoder_lr1"] = config.text_encoder_lr1 if config.text_encoder_lr1 is not None else (
         rates[0] if rates else None)
@@ -222,7 +235,7 @@ def normalise(config: TrainConfig) -> TrainConfig:
                     "to say so)")
     if config.mem_eff_attn:
         log.info("--mem_eff_attn: lorakit uses torch's scaled_dot_product_attention (memory-efficient kernels)")
-    if config.clip_skip is not None:
+    if config.clip_skip is not None and config.model_family == "sdxl":
         log.warning("--clip_skip %s does not change SDXL training or sample images (both use the penultimate "
                     "layer); it is only stored in the metadata", config.clip_skip)
     if config.zero_terminal_snr and not config.v_parameterization:
@@ -281,7 +294,7 @@ def _check_ranges(config: TrainConfig) -> None:
                 raise LorakitError(f"{flag.option} {item!r}: contains a NUL character")
             if item == "" and (flag.metavar == "PATH" or flag.name == "output_name"):
                 raise LorakitError(f"{flag.option} is empty; expected {'a path' if flag.metavar else 'a name'}")
-    if config.bucket_reso_steps % 32:
+    if config.model_family == "sdxl" and config.bucket_reso_steps % 32:
         raise LorakitError(f"--bucket_reso_steps {config.bucket_reso_steps}: SDXL needs a multiple of 32")
     if config.min_bucket_reso > config.max_bucket_reso:
         raise LorakitError(f"--min_bucket_reso {config.min_bucket_reso} is larger than --max_bucket_reso "

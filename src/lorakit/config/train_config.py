@@ -30,6 +30,10 @@ DISTRIBUTED = Group("distributed", "multi-process training through accelerate")
 CONFIG = Group("config", "arguments from a TOML file")
 
 NO_HUB = "lorakit has no Hugging Face Hub access"
+FAMILY_NAMES = ("sdxl", "sd1", "sd2")
+NO_V2_IN_SDXL = "SDXL has no v2: train_network.py (--model_family sd1/sd2) trains SD 2.x"
+_ONE_TEXT_ENCODER = "SD 1.x/2.x have one text encoder: use --text_encoder_lr"
+ONE_TEXT_ENCODER = {"sd1": _ONE_TEXT_ENCODER, "sd2": _ONE_TEXT_ENCODER}
 FACE_CROP = "face-centred crops from _cx_cy_w_h file names are not implemented; crops follow the bucket"
 NO_DEEPSPEED = "DeepSpeed is not wired in; use accelerate launch for multi-GPU data parallel"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -55,7 +59,11 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = MODEL.flag(
         None, str, "SDXL base model: single-file .safetensors/.ckpt or a diffusers folder", metavar="PATH")
     vae: str | None = MODEL.flag(None, str, "replacement VAE: single file or diffusers folder", metavar="PATH")
-    v2: bool = MODEL.switch("Stable Diffusion 2.x model", refused="lorakit trains SDXL models only")
+    model_family: str | None = MODEL.flag(
+        None, str, "the base model's family: sdxl (sdxl_train_network.py's), sd1 or sd2 (train_network.py's; "
+        "--v2 picks sd2)", choices=FAMILY_NAMES, kohya=False)
+    v2: bool = MODEL.switch("Stable Diffusion 2.x model (train_network.py)", refused=NO_V2_IN_SDXL,
+                            families={"sd1": None, "sd2": None})
     v_parameterization: bool = MODEL.switch("v-prediction target (for SDXL v-pred models)")
     tokenizer_cache_dir: str | None = MODEL.flag(
         None, str, "folder to save the tokenizers to and load them from (lorakit ships the vocabulary and never "
@@ -191,9 +199,11 @@ class TrainConfig:
     text_encoder_lr: tuple[float, ...] | None = OPTIMIZER.flag(
         None, number, "text-encoder learning rates: one value for both, or TE1 TE2", many=True, bounds=AT_LEAST_0)
     text_encoder_lr1: float | None = OPTIMIZER.flag(None, number, "TE1 (CLIP ViT-L) learning rate; wins over "
-                                                    "--text_encoder_lr", kohya=False, bounds=AT_LEAST_0)
+                                                    "--text_encoder_lr", kohya=False, families=ONE_TEXT_ENCODER,
+                                                    bounds=AT_LEAST_0)
     text_encoder_lr2: float | None = OPTIMIZER.flag(None, number, "TE2 (OpenCLIP ViT-bigG) learning rate; wins "
-                                                    "over --text_encoder_lr", kohya=False, bounds=AT_LEAST_0)
+                                                    "over --text_encoder_lr", kohya=False, families=ONE_TEXT_ENCODER,
+                                                    bounds=AT_LEAST_0)
     max_grad_norm: float = OPTIMIZER.flag(1.0, number, "gradient clipping norm; 0 disables", bounds=AT_LEAST_0)
     lr_scheduler: str = OPTIMIZER.flag("constant", str, "learning-rate schedule", choices=SCHEDULERS)
     lr_warmup_steps: int | float = OPTIMIZER.flag(0, steps_or_ratio, "warm-up steps, or a ratio (<1 or N%) of "
@@ -223,8 +233,9 @@ class TrainConfig:
     persistent_data_loader_workers: bool = TRAINING.switch("keep data-loader workers between epochs")
     max_token_length: int | None = TRAINING.flag(None, int, "caption length in tokens (75 when not given)",
                                                  choices=(150, 225))
-    clip_skip: int | None = TRAINING.flag(None, int, "ignored by SDXL training and sample images; stored in "
-                                          "metadata", bounds=AT_LEAST_1)
+    clip_skip: int | None = TRAINING.flag(None, int, "SD 1.x/2.x: use the N-th text-encoder layer from the end "
+                                          "(2 for many anime models); SDXL ignores it (stored in metadata)",
+                                          bounds=AT_LEAST_1)
     weighted_captions: bool = TRAINING.switch("(tag:1.2) caption weights")
     noise_offset: float | None = TRAINING.flag(None, number, "offset noise strength (about 0.0357 for SDXL)",
                                                bounds=AT_LEAST_0)

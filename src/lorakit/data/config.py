@@ -32,7 +32,7 @@ from lorakit.fileio import kind_of, parse_json, parse_toml, read_text
 logger = logging.getLogger(__name__)
 
 DatasetKind = Literal["dreambooth", "fine_tuning", "mask"]
-SDXL_BUCKET_STEP = 32  # the SDXL U-Net halves the latent three times: bucket sides must divide by 8 * 4
+SDXL_BUCKET_STEP = 32  # SDXL's rule (sd-scripts): bucket sides divide by 8 * 4; a family may ask for another
 
 
 def _parse_resolution(value: Any) -> Any:
@@ -253,21 +253,24 @@ def read_dataset_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_dataset_settings(path: str | Path, command_line: Mapping[str, Any]) -> list[DatasetSettings]:
+def load_dataset_settings(path: str | Path, command_line: Mapping[str, Any],
+                          bucket_multiple: int = SDXL_BUCKET_STEP) -> list[DatasetSettings]:
     """Read and resolve a dataset config file against the command-line values."""
-    return resolve_datasets(read_dataset_config(path), command_line, source=str(path))
+    return resolve_datasets(read_dataset_config(path), command_line, source=str(path),
+                            bucket_multiple=bucket_multiple)
 
 
 # ---------------------------------------------------------------------------------------------------- resolving
 
 
 def resolve_datasets(
-    config: Mapping[str, Any], command_line: Mapping[str, Any], *, source: str
+    config: Mapping[str, Any], command_line: Mapping[str, Any], *, source: str, bucket_multiple: int = SDXL_BUCKET_STEP
 ) -> list[DatasetSettings]:
     """Validate a parsed config and resolve every value of every dataset and subset.
 
     `command_line` maps flag names (`train_batch_size`, `resolution`, `masked_loss`, `seed`, ...) to their values;
-    missing flags and None values fall through to the defaults.
+    missing flags and None values fall through to the defaults. `bucket_multiple`: what the model family's U-Net
+    needs image sides to divide by.
     """
     masked_loss = bool(command_line.get("masked_loss"))
     _check_keys(config, source, masked_loss)
@@ -284,7 +287,8 @@ def resolve_datasets(
             _validate(SubsetTable, subset, source, f"{table}.subsets[{sub}]")
             for sub, subset in enumerate(dataset.subsets or [])
         ]
-        datasets.append(_resolve_dataset(index, source, dataset, subsets, general, cli, command_line))
+        datasets.append(_resolve_dataset(index, source, dataset, subsets, general, cli, command_line,
+                                         bucket_multiple))
     return datasets
 
 
@@ -296,6 +300,7 @@ def _resolve_dataset(
     general: DatasetCommonTable,
     cli: CommandLineValues,
     command_line: Mapping[str, Any],
+    bucket_multiple: int,
 ) -> DatasetSettings:
     table = f"datasets[{index}]"
     where = f"{source}: {table}"
@@ -317,18 +322,18 @@ def _resolve_dataset(
             "[[datasets]], or pass --resolution"
         )
     steps = value("bucket_reso_steps")
-    if steps % SDXL_BUCKET_STEP:
+    if steps % bucket_multiple:
         raise LorakitError(
-            f"{where}: bucket_reso_steps = {steps}: SDXL needs a multiple of {SDXL_BUCKET_STEP} (e.g. 64)"
+            f"{where}: bucket_reso_steps = {steps}: the model needs a multiple of {bucket_multiple} (e.g. 64)"
         )
     min_reso, max_reso = value("min_bucket_reso"), value("max_bucket_reso")
     enable_bucket, no_upscale = value("enable_bucket"), value("bucket_no_upscale")
     if enable_bucket and min(resolution) < steps:
         raise LorakitError(f"{where}: resolution {_size_text(resolution)} has a side below bucket_reso_steps "
                            f"{steps}; expected at least one step")
-    if not enable_bucket and any(side % SDXL_BUCKET_STEP for side in resolution):
+    if not enable_bucket and any(side % bucket_multiple for side in resolution):
         raise LorakitError(f"{where}: resolution {_size_text(resolution)} without bucketing is the size every image "
-                           f"is trained at, so each side must be a multiple of {SDXL_BUCKET_STEP} (what the SDXL "
+                           f"is trained at, so each side must be a multiple of {bucket_multiple} (what the model's "
                            "U-Net halves down to); e.g. 1024 or 1024,768, or enable_bucket = true")
     if enable_bucket and not no_upscale:
         min_reso, max_reso = _bucket_range(where, resolution, min_reso, max_reso, steps)

@@ -143,7 +143,7 @@ class TrainBatch:
     latents: Tensor | None = None  # [B, 4, h, w] when latents are cached
     pixels: Tensor | None = None  # [B, 3, H, W] in [-1, 1] otherwise
     masks: Tensor | None = None  # [B, 1, H, W] in [0, 1] with masked loss
-    text: tuple[Tensor, Tensor] | None = None  # cached (context, pooled) of the processed captions
+    text: tuple[Tensor, ...] | None = None  # cached text conditioning of the processed captions (SDXL: context, pooled)
 
 
 def item_rng(seed: int, epoch: int, batch_index: int, position: int) -> random.Random:
@@ -253,8 +253,8 @@ class BatchLoader(torch.utils.data.Dataset):
         return item
 
 
-def _stacked_text(entries: Sequence[CachedText]) -> tuple[Tensor, Tensor]:
-    return (torch.stack([e.context for e in entries]).float(), torch.stack([e.pooled for e in entries]).float())
+def _stacked_text(entries: Sequence[CachedText]) -> tuple[Tensor, ...]:
+    return tuple(torch.stack(tensors).float() for tensors in zip(*(entry.outputs for entry in entries)))
 
 
 def _mask_or_ones(mask: Tensor | None, item: dict) -> Tensor:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lorakit.data.config import DatasetSettings, SubsetSettings, load_dataset_settings, resolve_datasets
+from lorakit.data.config import (SDXL_BUCKET_STEP, DatasetSettings, SubsetSettings, load_dataset_settings,
+                                 resolve_datasets)
 from lorakit.data.images import IMAGE_EXTENSIONS, ImageHeader, list_images, preflight
 from lorakit.data.records import DatasetRecords, ImageRecord
 from lorakit.errors import LorakitError
@@ -38,23 +39,24 @@ MAX_SAMPLES_PER_EPOCH = 10_000_000  # images x repeats: each is an entry of the 
 # ---------------------------------------------------------------------------------------------------- entry points
 
 
-def dataset_settings(command_line: Mapping[str, Any]) -> list[DatasetSettings]:
+def dataset_settings(command_line: Mapping[str, Any], bucket_multiple: int = SDXL_BUCKET_STEP) -> list[DatasetSettings]:
     """The resolved datasets: from `--dataset_config`, else from `--train_data_dir` / `--reg_data_dir` / `--in_json`."""
     config = command_line.get("dataset_config")
     if config:
         for flag in ("train_data_dir", "reg_data_dir", "in_json"):
             if command_line.get(flag):
                 logger.warning("--%s is ignored because --dataset_config is given", flag)
-        return load_dataset_settings(config, command_line)
-    return resolve_datasets(command_line_config(command_line), command_line, source="command line")
+        return load_dataset_settings(config, command_line, bucket_multiple)
+    return resolve_datasets(command_line_config(command_line), command_line, source="command line",
+                            bucket_multiple=bucket_multiple)
 
 
-def load_datasets(command_line: Mapping[str, Any]) -> list[DatasetRecords]:
-    """Resolve, discover, pre-flight, split and balance every dataset of the command line's configuration."""
+def load_datasets(command_line: Mapping[str, Any], bucket_multiple: int = SDXL_BUCKET_STEP) -> list[DatasetRecords]:
+    """Resolve, discover, pre-flight, split and balance every dataset of the command line's configuration;
+    `bucket_multiple` is what the model family's U-Net needs image sides to divide by."""
     prior_loss_weight = command_line.get("prior_loss_weight")
-    return discover_datasets(
-        dataset_settings(command_line), prior_loss_weight=1.0 if prior_loss_weight is None else prior_loss_weight
-    )
+    return discover_datasets(dataset_settings(command_line, bucket_multiple),
+                             prior_loss_weight=1.0 if prior_loss_weight is None else prior_loss_weight)
 
 
 def discover_datasets(

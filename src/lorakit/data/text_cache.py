@@ -1,11 +1,15 @@
-"""The text-encoder output cache (`--cache_text_encoder_outputs`, `..._to_disk`).
+"""Captions to text conditioning (`CaptionEncoder`), and its cache (`--cache_text_encoder_outputs`, `..._to_disk`).
+
+A family's text conditioning is its encoders' outputs for a batch of captions: with SDXL's two encoders the context
+(both penultimate states, concatenated) and TE2's pooled vector, with SD 1.x/2.x's one encoder the context alone
+(its last layer, or the one --clip_skip names, normed as sd-scripts does).
 
 What is cached is the caption as training would use it (prefix, suffix, secondary separator and a
 single-choice wildcard applied), not the raw caption file as in sd-scripts; options that would make the
 caption differ between draws are refused. Each image's file `<stem>_lorakit_te.safetensors` holds the context
-(both encoders' penultimate states, concatenated) and TE2's pooled vector, in the encoders' dtype, with a
-fingerprint of the exact caption, the tokenizers, the encoders, their dtype, `max_token_length` and the
-weighting. A file that does not read back or does not match is recomputed; writes are atomic.
+(and the pooled vector when the family has one), in the encoders' dtype, with a fingerprint of the exact
+caption, the tokenizers, the encoders, their dtype, `max_token_length`, the weighting and --clip_skip. A file
+that does not read back or does not match is recomputed; writes are atomic.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from lorakit.data.captions import CaptionOptions, process_caption, randomising_option
 from lorakit.data.weighted_captions import weighted_tokens
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
-from lorakit.models.text_encoding import encode_tokens, sequence_length, tokenize
+from lorakit.models.text_encoding import encode_single, encode_tokens, sequence_length, tokenize
 
 FORMAT = "lorakit-te/1"
 
@@ -41,8 +45,27 @@ class TextItem:
 
 @dataclass
 class CachedText:
-    context: torch.Tensor  # [L, w1 + w2], L = 77 / 152 / 227
-    pooled: torch.Tensor  # [projection_dim]
+    context: torch.Tensor  # [L, width] (SDXL: w1 + w2), L = 77 / 152 / 227
+    pooled: torch.Tensor | None  # [projection_dim] (SDXL's TE2), else None
+
+    @property
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.context,) if self.pooled is None else (self.context, self.pooled)
+
+
+@dataclass
+class CaptionEncoder:
+    """A family's live text conditioning: its tokenizers and encoders, caption length, weights and CLIP skip."""
+
+    tokenizers: tuple[CLIPTokenizer, ...]
+    encoders: tuple[torch.nn.Module, ...]
+    max_token_length: int | None
+    weighted: bool = False
+    clip_skip: int | None = None
+
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        return encode_captions(captions, self.tokenizers, self.encoders, self.max_token_length, self.weighted,
+                               self.clip_skip)
 
 
 def check_text_caching_allowed(subset: str, options: CaptionOptions, captions: Mapping[Path, str]) -> None:
@@ -78,14 +101,15 @@ def tokenizer_identity(tokenizer: CLIPTokenizer) -> str:
 
 
 def settings_fingerprint(
-    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
-    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    tokenizers: Sequence[CLIPTokenizer],
+    encoders: Sequence[torch.nn.Module],
     encoders_identity: str,
     max_token_length: int | None,
     weighted: bool,
+    clip_skip: int | None = None,
 ) -> dict[str, str]:
     """Everything but the caption that cached outputs depend on, as safetensors metadata."""
-    return {
+    settings = {
         "format": FORMAT,
         "tokenizers": ",".join(tokenizer_identity(tokenizer) for tokenizer in tokenizers),
         "encoders": encoders_identity,
@@ -93,6 +117,7 @@ def settings_fingerprint(
         "max_token_length": str(max_token_length),
         "weighted_captions": str(weighted).lower(),
     }
+    return settings if clip_skip is None else settings | {"clip_skip": str(clip_skip)}
 
 
 def read_cached_text(path: Path, expected: dict[str, str] | None, length: int) -> CachedText | None:
@@ -101,42 +126,45 @@ def read_cached_text(path: Path, expected: dict[str, str] | None, length: int) -
         with safe_open(str(path), framework="pt") as file:
             if expected is not None and file.metadata() != expected:
                 return None
-            context, pooled = file.get_tensor("context").clone(), file.get_tensor("pooled").clone()
+            context = file.get_tensor("context").clone()
+            pooled = file.get_tensor("pooled").clone() if "pooled" in file.keys() else None
     except (OSError, SafetensorError):
         return None
-    if context.ndim != 2 or context.shape[0] != length or pooled.ndim != 1:
+    if context.ndim != 2 or context.shape[0] != length or (pooled is not None and pooled.ndim != 1):
         return None
-    if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+    if not all(torch.isfinite(tensor).all() for tensor in CachedText(context, pooled).outputs):
         return None
     return CachedText(context, pooled)
 
 
 def write_cached_text(path: Path, entry: CachedText, metadata: dict[str, str]) -> None:
+    tensors = {"context": entry.context.contiguous()}
+    if entry.pooled is not None:
+        tensors["pooled"] = entry.pooled.contiguous()
     with atomic_path(path) as temporary:
-        save_file(
-            {"context": entry.context.contiguous(), "pooled": entry.pooled.contiguous()},
-            str(temporary),
-            metadata=metadata,
-        )
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def encode_captions(
     captions: Sequence[str],
-    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
-    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    tokenizers: Sequence[CLIPTokenizer],
+    encoders: Sequence[torch.nn.Module],
     max_token_length: int | None,
     weighted: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> (context [B, L, w1 + w2], pooled [B, P]) on the encoders' device, weighted per token when asked;
-    the cache and training's live text conditioning both encode through here."""
+    clip_skip: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Captions -> the text conditioning on the encoders' device, weighted per token when asked: with two encoders
+    (SDXL) (context [B, L, w1 + w2], pooled [B, P]), with one (SD 1.x/2.x) (context [B, L, w],). The cache and
+    training's live text conditioning both encode through here."""
     if weighted:
-        (tokens1, weights1), (tokens2, weights2) = (
-            weighted_tokens(tokenizer, captions, max_token_length) for tokenizer in tokenizers
-        )
+        pairs = [weighted_tokens(tokenizer, captions, max_token_length) for tokenizer in tokenizers]
+        tokens, weights = [t for t, _ in pairs], [w for _, w in pairs]
     else:
-        tokens1, tokens2 = (tokenize(tokenizer, captions, max_token_length) for tokenizer in tokenizers)
-        weights1 = weights2 = None
-    return encode_tokens(*encoders, tokens1, tokens2, weights1, weights2)
+        tokens = [tokenize(tokenizer, captions, max_token_length) for tokenizer in tokenizers]
+        weights = [None] * len(tokens)
+    if len(encoders) == 2:
+        return encode_tokens(*encoders, *tokens, *weights)
+    return (encode_single(encoders[0], tokens[0], weights[0], clip_skip),)
 
 
 class TextCache:
@@ -191,12 +219,13 @@ def _check_one_caption_per_file(items: Sequence[TextItem]) -> None:
 
 def cache_text_encoder_outputs(
     items: Sequence[TextItem],
-    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
-    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    tokenizers: Sequence[CLIPTokenizer],
+    encoders: Sequence[torch.nn.Module],
     *,
     encoders_identity: str,
     max_token_length: int | None = None,
     weighted: bool = False,
+    clip_skip: int | None = None,
     batch_size: int = 1,
     to_disk: bool = False,
     progress: bool = True,
@@ -210,7 +239,7 @@ def cache_text_encoder_outputs(
     if to_disk:
         _check_one_caption_per_file(items)
 
-    settings = settings_fingerprint(tokenizers, encoders, encoders_identity, max_token_length, weighted)
+    settings = settings_fingerprint(tokenizers, encoders, encoders_identity, max_token_length, weighted, clip_skip)
 
     def expected(caption: str) -> dict[str, str]:
         return {**settings, "caption": caption}
@@ -228,11 +257,12 @@ def cache_text_encoder_outputs(
         for start in range(0, len(captions), batch_size):
             batch = captions[start : start + batch_size]
             with torch.no_grad():
-                context, pooled = encode_captions(batch, tokenizers, encoders, max_token_length, weighted)
-            context, pooled = context.cpu(), pooled.cpu()
+                outputs = [output.cpu() for output in encode_captions(batch, tokenizers, encoders, max_token_length,
+                                                                      weighted, clip_skip)]
             for row, caption in enumerate(batch):
-                entry = CachedText(context[row].clone(), pooled[row].clone())
-                if not (torch.isfinite(entry.context).all() and torch.isfinite(entry.pooled).all()):
+                context, *pooled = (output[row].clone() for output in outputs)
+                entry = CachedText(context, pooled[0] if pooled else None)
+                if not all(torch.isfinite(tensor).all() for tensor in entry.outputs):
                     raise LorakitError(
                         f"{pending[caption][0].image_path}: the text encoders produced NaN/inf outputs for its caption"
                         f" {caption!r}; expected finite values (check the model file and the precision)"

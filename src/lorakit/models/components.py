@@ -1,4 +1,5 @@
-"""The loaded SDXL model: its four networks, two tokenizers and where they came from."""
+"""A loaded base model: its networks (U-Net, VAE, text encoders), tokenizers and where they came from; and the
+parts a checkpoint of a family is made of (`ModelPart`), which the loader and the random-model writer walk."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -45,8 +46,28 @@ class ModelIdentity:
         return sha256_file(self.path) if self.path and os.path.isfile(self.path) else None
 
 
+class Components:
+    """What every family's components answer: the networks by attribute, the text encoders and tokenizers in
+    order, and `release` (a released network's slot is None)."""
+
+    TEXT_ENCODERS: ClassVar[tuple[str, ...]]
+    TOKENIZERS: ClassVar[tuple[str, ...]]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module | None]:
+        return [getattr(self, name) for name in self.TEXT_ENCODERS]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [getattr(self, name) for name in self.TOKENIZERS]
+
+    def release(self, *attributes: str) -> None:
+        for attribute in attributes:
+            setattr(self, attribute, None)
+
+
 @dataclass
-class SDXLComponents:
+class SDXLComponents(Components):
     """SDXL as diffusers and transformers modules.
 
     text_encoder1 is CLIP ViT-L/14 (`CLIPTextModel`), text_encoder2 OpenCLIP ViT-bigG/14 converted to
@@ -63,6 +84,9 @@ class SDXLComponents:
     identity: ModelIdentity
     vae_identity: ModelIdentity | None = None
 
+    TEXT_ENCODERS: ClassVar[tuple[str, ...]] = ("text_encoder1", "text_encoder2")
+    TOKENIZERS: ClassVar[tuple[str, ...]] = ("tokenizer1", "tokenizer2")
+
     def networks(self) -> dict[str, torch.nn.Module]:
         """The four networks by attribute name, in checkpoint order."""
         return {"unet": self.unet, "text_encoder1": self.text_encoder1, "text_encoder2": self.text_encoder2,
@@ -70,8 +94,8 @@ class SDXLComponents:
 
 
 @dataclass(frozen=True)
-class Network:
-    """One of SDXL's four networks: its class, its diffusers subfolder and its place in an SGM single file.
+class ModelPart:
+    """One network of a model: its class, its diffusers subfolder and its place in a single-file checkpoint.
 
     `config(size)` and `config_from_sgm(shapes)` give what `build(config)` takes; `config_of(module)` recovers it
     from a built module; `to_diffusers` / `to_sgm` rename state dicts between the two layouts.
@@ -101,7 +125,7 @@ class Network:
 
 
 @functools.cache
-def sdxl_networks() -> tuple[Network, ...]:
+def sdxl_networks() -> tuple[ModelPart, ...]:
     """The U-Net, TE1, TE2 and VAE in the order of an SGM checkpoint (imported lazily: diffusers is heavy)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -109,14 +133,14 @@ def sdxl_networks() -> tuple[Network, ...]:
     from lorakit.models import text_encoders, unet, vae
 
     return (
-        Network("unet", "unet", unet.SGM_PREFIX, UNet2DConditionModel, unet.unet_config, unet.unet_config_from_sgm,
+        ModelPart("unet", "unet", unet.SGM_PREFIX, UNet2DConditionModel, unet.unet_config, unet.unet_config_from_sgm,
                 unet.unet_to_diffusers, unet.unet_to_sgm),
-        Network("text_encoder1", "text_encoder", text_encoders.TE1_PREFIX, CLIPTextModel, text_encoders.te1_config,
+        ModelPart("text_encoder1", "text_encoder", text_encoders.TE1_PREFIX, CLIPTextModel, text_encoders.te1_config,
                 text_encoders.te1_config_from_sgm, text_encoders.te1_to_diffusers, text_encoders.te1_to_sgm),
-        Network("text_encoder2", "text_encoder_2", text_encoders.TE2_PREFIX, CLIPTextModelWithProjection,
+        ModelPart("text_encoder2", "text_encoder_2", text_encoders.TE2_PREFIX, CLIPTextModelWithProjection,
                 text_encoders.te2_config, text_encoders.te2_config_from_sgm, text_encoders.te2_to_diffusers,
                 text_encoders.te2_to_sgm),
-        Network("vae", "vae", vae.SGM_PREFIX, AutoencoderKL, vae.vae_config, vae.vae_config_from_sgm,
+        ModelPart("vae", "vae", vae.SGM_PREFIX, AutoencoderKL, vae.vae_config, vae.vae_config_from_sgm,
                 vae.vae_to_diffusers, vae.vae_to_sgm),
     )
 

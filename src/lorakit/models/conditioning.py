@@ -1,5 +1,6 @@
 """SDXL's added conditioning: TE2's pooled vector plus sinusoidal embeddings of the image's original size,
-crop offset and target size (the U-Net's `text_embeds` + `time_ids`, concatenated as sd-scripts feeds it)."""
+crop offset and target size (the U-Net's `text_embeds` + `time_ids`, concatenated as sd-scripts feeds it), and
+the U-Net call that passes them (`predict`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,13 @@ def added_condition(pooled: Tensor, original_hw: Pairs, crop_top_left: Pairs, ta
     """[B, pooled + 6 * 256] (2816 for SDXL): pooled TE2 output then the six size embeddings, in pooled's dtype."""
     sizes = size_condition(original_hw, crop_top_left, target_hw).to(pooled.device)
     return torch.cat([pooled, sizes.to(pooled.dtype)], dim=1)
+
+
+def predict(unet: torch.nn.Module, noisy: Tensor, timesteps: Tensor, context: Tensor, pooled: Tensor,
+            time_ids: Tensor) -> Tensor:
+    """The SDXL U-Net's prediction (ε or v) with the added size/crop conditioning."""
+    dtype = unet.dtype if unet.dtype.is_floating_point and unet.dtype.itemsize > 1 else noisy.dtype
+    return unet(
+        noisy.to(dtype), timesteps, context.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(noisy.device, dtype)},
+    ).sample

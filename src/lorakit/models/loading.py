@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from accelerate import init_empty_weights
 
 from lorakit.errors import LorakitError
 from lorakit.fileio import parse_json, read_text
-from lorakit.models.components import ModelIdentity, Network, SDXLComponents, cast_model, sdxl_networks
+from lorakit.models.components import (Components, ModelIdentity, ModelPart, SDXLComponents, cast_model,
+                                       sdxl_networks)
 from lorakit.models.detect import VAE_PREFIX, checkpoint_kind, require_sdxl, vae_prefix
 from lorakit.models.tokenizers import cached_tokenizers, load_tokenizers
 
@@ -29,14 +31,56 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 Reader = Callable[[str, torch.dtype], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """How a family's models are stored and put together: what `load_model` needs to know of them."""
+
+    title: str  # "SDXL", in messages
+    parts: Callable[[], tuple[ModelPart, ...]]  # the networks, in checkpoint order
+    assemble: Callable[..., Components]  # (modules by attribute, tokenizers, identity, vae_identity) -> components
+    tokenizers: Callable[[str | os.PathLike | None], tuple]  # offline tokenizers (or those of --tokenizer_cache_dir)
+    check: Callable[[Mapping[str, Sequence[int]], str], None]  # refuse a single file of another kind of model
+    folder_check: Callable[[dict, str], None]  # refuse a diffusers folder of another kind (its model_index.json)
+    example: str  # a hub id, in messages
+
+
+def _sdxl_tokenizers(cache_dir: str | os.PathLike | None) -> tuple:
+    return cached_tokenizers(cache_dir) if cache_dir else load_tokenizers()
+
+
+def _sdxl_components(modules: dict, tokenizers: tuple, identity: ModelIdentity,
+                     vae_identity: ModelIdentity | None) -> SDXLComponents:
+    return SDXLComponents(**modules, tokenizer1=tokenizers[0], tokenizer2=tokenizers[1], identity=identity,
+                          vae_identity=vae_identity)
+
+
+def _sdxl_folder(index: dict, folder: str) -> None:
+    if "text_encoder_2" not in index:
+        raise LorakitError(f"{folder} does not look like an SDXL model: its model_index.json names "
+                           f"{index.get('_class_name', '?')} without text_encoder_2")
+
+
+SDXL_LAYOUT = ModelLayout("SDXL", sdxl_networks, _sdxl_components, _sdxl_tokenizers, require_sdxl, _sdxl_folder,
+                          "stabilityai/stable-diffusion-xl-base-1.0")
+
+
 def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", tokenizer_cache_dir: str | os.PathLike | None = None,
               skip: Collection[str] = ()) -> SDXLComponents:
-    """Load SDXL base (U-Net, VAE, both text encoders) in `dtype`, with offline tokenizers.
+    """Load SDXL base (U-Net, VAE, both text encoders) in `dtype`, with offline tokenizers (`load_model`)."""
+    return load_model(SDXL_LAYOUT, path, vae=vae, dtype=dtype, device=device,
+                      tokenizer_cache_dir=tokenizer_cache_dir, skip=skip)
 
-    `path`: an SGM single-file checkpoint, a diffusers folder (with model_index.json) or a hub id (`org/name`, from
-    the hub or its local cache). `vae`: a replacement VAE — a diffusers folder, a VAE-only single file, or a full
-    checkpoint whose VAE is taken. `skip`: networks not to load now (their slots stay None), e.g. `{"unet"}`.
+
+def load_model(layout: ModelLayout, path: str | os.PathLike, *, vae: str | os.PathLike | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               tokenizer_cache_dir: str | os.PathLike | None = None, skip: Collection[str] = ()) -> Components:
+    """Load a model of `layout`'s family in `dtype`, with offline tokenizers.
+
+    `path`: a single-file checkpoint (original SGM/LDM layout), a diffusers folder (with model_index.json) or a hub
+    id (`org/name`, from the hub or its local cache). `vae`: a replacement VAE — a diffusers folder, a VAE-only
+    single file, or a full checkpoint whose VAE is taken. `skip`: networks not to load now (their slots stay
+    None), e.g. `{"unet"}`.
 
     On the `meta` device no weight is read: the networks are built from the checkpoint's tensor names and shapes
     (single files) or configs (folders), with every check a real load makes on them (the dry run's rehearsal).
@@ -46,32 +90,32 @@ def load_sdxl(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, 
     if vae is not None and not os.path.exists(vae):  # before minutes of loading the main model
         raise LorakitError(f"--vae {os.fspath(vae)}: no such file or folder; expected a VAE .safetensors file or a "
                            "diffusers VAE folder")
-    networks = [n for n in sdxl_networks() if n.attribute not in skip and (vae is None or n.attribute != "vae")]
+    parts = layout.parts()
+    wanted = [n for n in parts if n.attribute not in skip and (vae is None or n.attribute != "vae")]
     if os.path.isdir(source):
-        modules = _load_diffusers(source, networks, dtype, local_only=True, meta=meta)
+        modules = _load_diffusers(source, wanted, dtype, local_only=True, meta=meta, layout=layout)
     elif os.path.isfile(source):
-        modules = _load_single_file(source, networks, dtype, meta=meta)
+        modules = _load_single_file(source, wanted, dtype, meta=meta, check=layout.check)
     elif is_hub_id(source):  # the meta rehearsal never downloads: a hub id must be in the local cache for it
-        modules = _load_diffusers(source, networks, dtype, local_only=meta, meta=meta)
+        modules = _load_diffusers(source, wanted, dtype, local_only=meta, meta=meta, layout=layout)
     else:
-        raise LorakitError(f"{source}: no such file or folder; expected an SDXL checkpoint (.safetensors or .ckpt), "
-                           "a diffusers folder or a hub id like stabilityai/stable-diffusion-xl-base-1.0")
+        raise LorakitError(f"{source}: no such file or folder; expected an {layout.title} checkpoint (.safetensors or "
+                           f".ckpt), a diffusers folder or a hub id like {layout.example}")
     vae_identity = None
     if vae is not None and "vae" not in skip:
-        modules["vae"] = load_vae(vae, dtype, meta=meta)
+        modules["vae"] = load_vae(vae, dtype, meta=meta, part=next(n for n in parts if n.attribute == "vae"))
         vae_identity = ModelIdentity.of(vae)
-    tokenizer1, tokenizer2 = cached_tokenizers(tokenizer_cache_dir) if tokenizer_cache_dir else load_tokenizers()
     loaded = {name: module.to(device).eval() for name, module in modules.items()}
-    return SDXLComponents(**({n.attribute: None for n in sdxl_networks()} | loaded),
-                          tokenizer1=tokenizer1, tokenizer2=tokenizer2,
-                          identity=ModelIdentity.of(source), vae_identity=vae_identity)
+    return layout.assemble({n.attribute: None for n in parts} | loaded, layout.tokenizers(tokenizer_cache_dir),
+                           ModelIdentity.of(source), vae_identity)
 
 
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, meta: bool = False) -> torch.nn.Module:
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, meta: bool = False,
+             part: ModelPart | None = None) -> torch.nn.Module:
     """An `AutoencoderKL` from a diffusers folder (a VAE's or a pipeline's), a VAE-only file or a full checkpoint
-    (on the meta device with `meta`, as in `load_sdxl`)."""
+    (on the meta device with `meta`, as in `load_model`). `part`: the family's VAE part (SDXL's by default)."""
     source = os.fspath(path)
-    network = next(n for n in sdxl_networks() if n.attribute == "vae")
+    network = part or next(n for n in sdxl_networks() if n.attribute == "vae")
     if os.path.isdir(source):
         subfolder = network.subfolder if os.path.isfile(os.path.join(source, "model_index.json")) else None
         return _from_pretrained(network, source, subfolder, dtype, local_only=True, meta=meta)
@@ -89,10 +133,11 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, met
 # ---------------------------------------------------------------- single files
 
 
-def _load_single_file(source: str, networks: Iterable[Network], dtype: torch.dtype,
-                      meta: bool = False) -> dict[str, torch.nn.Module]:
+def _load_single_file(source: str, networks: Iterable[ModelPart], dtype: torch.dtype, meta: bool = False,
+                      check: Callable[[Mapping[str, Sequence[int]], str], None] = require_sdxl,
+                      ) -> dict[str, torch.nn.Module]:
     with CheckpointFile(source, meta=meta) as (shapes, read):
-        require_sdxl(shapes, source)
+        check(shapes, source)
         modules = {}
         for network in networks:
             if not any(key.startswith(network.prefix) for key in shapes):
@@ -102,7 +147,7 @@ def _load_single_file(source: str, networks: Iterable[Network], dtype: torch.dty
         return modules
 
 
-def _build(network: Network, shapes: Mapping[str, tuple[int, ...]], read: Reader, prefix: str, dtype: torch.dtype,
+def _build(network: ModelPart, shapes: Mapping[str, tuple[int, ...]], read: Reader, prefix: str, dtype: torch.dtype,
            source: str) -> torch.nn.Module:
     """Build `network` on the meta device and give it the converted tensors under `prefix` as its parameters."""
     own_shapes = {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
@@ -237,29 +282,27 @@ def load_torch_tensors(source: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- diffusers folders and hub ids
 
 
-def _load_diffusers(source: str, networks: Iterable[Network], dtype: torch.dtype, local_only: bool,
-                    meta: bool = False) -> dict[str, torch.nn.Module]:
+def _load_diffusers(source: str, networks: Iterable[ModelPart], dtype: torch.dtype, local_only: bool,
+                    meta: bool = False, layout: ModelLayout | None = None) -> dict[str, torch.nn.Module]:
     if local_only:
-        _check_diffusers_folder(source)
+        _check_diffusers_folder(source, layout or SDXL_LAYOUT)
     return {n.attribute: _from_pretrained(n, source, n.subfolder, dtype, local_only, meta) for n in networks}
 
 
-def _check_diffusers_folder(folder: str) -> None:
+def _check_diffusers_folder(folder: str, layout: ModelLayout) -> None:
     index_path = Path(folder, "model_index.json")
+    subfolders = ", ".join(f"{part.subfolder}/" for part in layout.parts())
     if not index_path.is_file():
-        raise LorakitError(f"{folder} is a folder without model_index.json; expected a diffusers SDXL folder "
-                           "(model_index.json, unet/, vae/, text_encoder/, text_encoder_2/) or a checkpoint file")
+        raise LorakitError(f"{folder} is a folder without model_index.json; expected a diffusers {layout.title} "
+                           f"folder (model_index.json, {subfolders}) or a checkpoint file")
     index = parse_json(read_text(index_path, "diffusers folder index"), index_path, "diffusers folder index")
     if not isinstance(index, dict):
         raise LorakitError(f"{index_path}: expected a JSON object naming the pipeline's components, found "
                            f"{type(index).__name__}")
-    pipeline = index.get("_class_name", "?")
-    if "text_encoder_2" not in index:
-        raise LorakitError(f"{folder} does not look like an SDXL model: its model_index.json names {pipeline} "
-                           "without text_encoder_2")
+    layout.folder_check(index, folder)
 
 
-def _from_pretrained(network: Network, source: str, subfolder: str | None, dtype: torch.dtype,
+def _from_pretrained(network: ModelPart, source: str, subfolder: str | None, dtype: torch.dtype,
                      local_only: bool, meta: bool = False) -> torch.nn.Module:
     dtype_argument = "torch_dtype" if network.is_diffusers else "dtype"
     where = f"{source}/{subfolder}" if subfolder else source
@@ -319,7 +362,7 @@ def _folder_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     raise LorakitError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}, or a sharded .index.json)")
 
 
-def _from_config_on_meta(network: Network, source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
+def _from_config_on_meta(network: ModelPart, source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
     """The model a folder's config.json describes, built on the meta device (no weights read)."""
     if network.is_diffusers:
         config = network.model_class.load_config(source, subfolder=subfolder, local_files_only=local_only)

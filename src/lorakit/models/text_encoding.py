@@ -1,5 +1,6 @@
-"""SDXL text conditioning as sd-scripts computes it: 75-token chunks, penultimate hidden states of both
+"""Text conditioning as sd-scripts computes it, in 75-token chunks. SDXL: penultimate hidden states of both
 encoders without the final layer norm, and TE2's pooled vector at the first EOS through `text_projection`.
+SD 1.x/2.x: the one encoder's last layer through its final norm, or with --clip_skip N the N-th from the end.
 
 A caption of up to `max_token_length` tokens (75, 150 or 225) is tokenised to BOS + tokens + EOS + padding
 (77, 152 or 227 ids) and cut into n chunks of 77 ids: BOS + 75 ids + the sequence's last id. Each chunk is
@@ -103,3 +104,21 @@ def encode_tokens(
     context1 = _merge_chunks(states1, batch, weights1)
     context2 = _merge_chunks(states2, batch, weights2).to(context1.device)
     return torch.cat([context1, context2.to(context1.dtype)], dim=-1), pooled
+
+
+def encode_single(text_encoder: CLIPTextModel, tokens: LongTensor, weights: Tensor | None = None,
+                  clip_skip: int | None = None) -> Tensor:
+    """[B, n, 77] ids of SD 1.x/2.x's encoder -> context [B, n*75 + 2, w]: the last layer's states through the
+    final layer norm, or with `clip_skip` N the N-th layer from the end through it (sd-scripts'
+    `get_hidden_states`; N = 1 is the last layer). Optional per-token weights [B, n, 77] multiply the states."""
+    batch = tokens.shape[0]
+    ids = tokens.reshape(-1, tokens.shape[-1]).to(text_encoder.device)
+    if clip_skip is None or clip_skip == 1:
+        states = text_encoder(ids).last_hidden_state
+    else:
+        hidden = text_encoder(ids, output_hidden_states=True).hidden_states
+        if clip_skip > len(hidden) - 1:
+            raise LorakitError(f"--clip_skip {clip_skip}: the text encoder has only {len(hidden) - 1} layers")
+        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        states = final_norm(hidden[-clip_skip])
+    return _merge_chunks(states, batch, weights)

@@ -1,5 +1,6 @@
 """Using existing LoRA files: apply for inference, merge into the base (--base_weights), shape a network from a
-file (--dim_from_weights). Files may use SGM names or diffusers-style U-Net names (`lora_unet_down_blocks_…`)."""
+file (--dim_from_weights). `lora` is the family's layers and names (SDXL's by default, whose files may use SGM or
+diffusers-style U-Net names, `lora_unet_down_blocks_…`)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,14 @@ from torch import Tensor, nn
 from lorakit.errors import LorakitError
 from lorakit.network.io import check_shapes, file_ranks, read_lora
 from lorakit.network.network import LoRANetwork, build_network
-from lorakit.network.targets import diffusers_to_sgm_names
+from lorakit.network.targets import SDXL_LORA, LoRALayout, to_sgm_names
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["apply_lora", "file_network", "merge_lora", "network_from_file", "remove_lora", "sdxl_models",
+           "to_sgm_names"]
+
 _REGISTRY = "_lorakit_applied_loras"  # attribute on the U-Net (or first model): resolved path -> network
-
-
-def to_sgm_names(state: Mapping[str, Tensor], unet: nn.Module) -> dict[str, Tensor]:
-    """Rename diffusers-style `lora_unet_*` module names to sd-scripts' SGM names; other keys pass unchanged."""
-    names = diffusers_to_sgm_names(unet)
-    converted = {}
-    for key, value in state.items():
-        name, dot, rest = key.partition(".")
-        converted[names.get(name, name) + dot + rest] = value
-    return converted
 
 
 def sdxl_models(target: Any) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
@@ -66,21 +60,21 @@ def network_from_file(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     return network
 
 
-def file_network(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> tuple[LoRANetwork, dict]:
+def file_network(target: Any, path: str | os.PathLike, multiplier: float = 1.0,
+                 lora: LoRALayout = SDXL_LORA) -> tuple[LoRANetwork, dict]:
     """The network a LoRA file describes on `target`'s models, and the file's tensors for it (shapes checked, not
-    loaded: the models may live on the meta device)."""
+    loaded: the models may live on the meta device). `lora`: the family's layers and names (SDXL's)."""
     unet, te1, te2 = sdxl_models(target)
     state, _ = read_lora(path)
-    if unet is not None:
-        state = to_sgm_names(state, unet)
-    network = network_from_file(unet, [te1, te2], state, path, multiplier=multiplier)
+    state = lora.file_names(state, unet)
+    network = network_from_file(unet, [te1, te2], state, path, multiplier=multiplier, lora=lora)
     fitting = {key: value for key, value in network.state_dict().items() if key in state}
     check_shapes(path, fitting, state, "is it a LoRA for another architecture?")
     return network, {key: state[key] for key in fitting}
 
 
-def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float) -> LoRANetwork:
-    network, state = file_network(target, path, multiplier)
+def _loaded_network(target: Any, path: str | os.PathLike, multiplier: float, lora: LoRALayout) -> LoRANetwork:
+    network, state = file_network(target, path, multiplier, lora)
     unet, te1, te2 = sdxl_models(target)
     network.load_state_dict(state, strict=False)
     reference = next((m for m in (unet, te1, te2) if m is not None))
@@ -97,7 +91,8 @@ def _applied(target: Any) -> dict[str, LoRANetwork]:
     return anchor.__dict__.setdefault(_REGISTRY, {})
 
 
-def apply_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> LoRANetwork:
+def apply_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0,
+               lora: LoRALayout = SDXL_LORA) -> LoRANetwork:
     """Apply an sd-scripts-format LoRA file to SDXL models for inference (hooks; base weights untouched).
 
     Applying the same file again replaces the earlier application (e.g. with a new multiplier); different files
@@ -107,7 +102,7 @@ def apply_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) ->
     key = str(Path(path).resolve())
     if key in applied:
         applied.pop(key).detach()
-    network = _loaded_network(target, path, multiplier)
+    network = _loaded_network(target, path, multiplier, lora)
     network.attach()
     applied[key] = network
     return network
@@ -123,9 +118,9 @@ def remove_lora(target: Any, path: str | os.PathLike | None = None) -> None:
 
 
 @torch.no_grad()
-def merge_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0) -> int:
+def merge_lora(target: Any, path: str | os.PathLike, multiplier: float = 1.0, lora: LoRALayout = SDXL_LORA) -> int:
     """--base_weights: add a file into the base weights (W += m · up·down · alpha/rank); returns the module count."""
-    network = _loaded_network(target, path, multiplier)
+    network = _loaded_network(target, path, multiplier, lora)
     network.merge()
     logger.info("%s merged into the base model at multiplier %g (%d modules)", path, multiplier, len(network.loras))
     return len(network.loras)

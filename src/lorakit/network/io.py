@@ -24,6 +24,7 @@ from lorakit import __version__
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
 from lorakit.hashing import sshs_legacy_hash, sshs_model_hash
+from lorakit.network.targets import SDXL_LORA, LoRALayout
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def build_modelspec(
     title: str | None,
     timestamp: float,
     resolution: tuple[int, int] | None = None,
+    architecture: str = SDXL_LORA_ARCHITECTURE,
+    default_resolution: tuple[int, int] = (1024, 1024),
     v_parameterization: bool = False,
     timestep_range: tuple[int | None, int | None] | None = None,
     clip_skip: int | None = None,
@@ -84,16 +87,17 @@ def build_modelspec(
     preprocessor: str | None = None,
     is_negative_embedding: str | None = None,
 ) -> dict[str, str]:
-    """The `modelspec.*` keys sd-scripts writes for an SDXL LoRA (§6.3), from `--metadata_*` and run values.
+    """The `modelspec.*` keys sd-scripts writes for a LoRA (§6.3), from `--metadata_*` and run values.
 
     `title`: --metadata_title or --output_name (None gives `LoRA@<date>`); `resolution`: (width, height) of
-    --resolution (None gives 1024x1024); `timestamp`: the save time (unix seconds).
+    --resolution (None gives `default_resolution`, the family's); `architecture`: the family's LoRA
+    architecture (SDXL's by default); `timestamp`: the save time (unix seconds).
     """
     date = datetime.datetime.fromtimestamp(timestamp).replace(microsecond=0).isoformat()
-    width, height = resolution or (1024, 1024)
+    width, height = resolution or default_resolution
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": SDXL_LORA_ARCHITECTURE,
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.implementation_version": f"lorakit/{__version__}",
         "modelspec.title": title or f"LoRA@{date}",
@@ -186,13 +190,14 @@ class LoadReport:
     alpha_changed: list[str] = field(default_factory=list)
 
 
-def load_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module | None = None) -> LoadReport:
+def load_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module | None = None,
+                         lora: LoRALayout = SDXL_LORA) -> LoadReport:
     """--network_weights: load a file into the network; refuse files whose names or shapes do not fit.
 
-    Diffusers-style U-Net names are converted when `unet` is given. Where the file's alpha differs from the
-    network's, the file's alpha is used for training and saving (one info line).
+    The file's names are renamed by the family's `lora` layout (SDXL: diffusers-style U-Net names, when `unet` is
+    given). Where the file's alpha differs from the network's, the file's alpha is used for training and saving.
     """
-    state, report = match_network_weights(network, path, unet)
+    state, report = match_network_weights(network, path, unet, lora)
     own = network.state_dict()
     report.alpha_changed = [key for key in sorted(state) if key.endswith(".alpha")
                             and float(own[key]) != float(state[key])]
@@ -206,15 +211,12 @@ def load_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module
     return report
 
 
-def match_network_weights(network, path: str | os.PathLike,
-                          unet: torch.nn.Module | None = None) -> tuple[dict[str, Tensor], LoadReport]:
+def match_network_weights(network, path: str | os.PathLike, unet: torch.nn.Module | None = None,
+                          lora: LoRALayout = SDXL_LORA) -> tuple[dict[str, Tensor], LoadReport]:
     """The tensors of a LoRA file that fit `network` (names converted as for loading), after checking that every
     one of them has the network's shape; nothing is loaded (the network may live on the meta device)."""
-    from lorakit.network.apply import to_sgm_names
-
     state, _ = read_lora(path)
-    if unet is not None:
-        state = to_sgm_names(state, unet)
+    state = lora.file_names(state, unet)
     own = network.state_dict()
     report = LoadReport(missing=sorted(set(own) - set(state)), unexpected=sorted(set(state) - set(own)))
     matched = set(own) & set(state)

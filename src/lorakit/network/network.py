@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from lorakit.network.args import NetworkArgs, RankPlan, parse_network_args, rank_plan
+from lorakit.network.io import load_network_weights, save_network
 from lorakit.network.module import LoRAModule, delta_weight
-from lorakit.network.targets import Target, block_index, text_encoder_targets, unet_targets
+from lorakit.network.targets import SDXL_LORA, LoRALayout, Target, block_index
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +133,24 @@ class LoRANetwork(nn.Module):
         return True
 
     def load_weights(self, file: str):
-        from lorakit.network.io import load_network_weights
-
         return load_network_weights(self, file)
 
-    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
-        from lorakit.network.io import save_network
+    def load_file(self, path, unet: nn.Module | None = None, lora: LoRALayout = SDXL_LORA) -> None:
+        """`TrainableNetwork.load_file`: --network_weights, with a warning for tensors on one side only."""
+        report = load_network_weights(self, path, unet, lora)
+        if report.missing:
+            logger.warning("--network_weights: %d tensors of the network are not in the file (first: %s)",
+                           len(report.missing), report.missing[0])
+        if report.unexpected:
+            logger.warning("--network_weights: %d tensors of the file are not in the network (first: %s)",
+                           len(report.unexpected), report.unexpected[0])
 
+    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
         save_network(self, file, dtype=dtype, metadata=metadata)
+
+    def save_file(self, path, dtype: torch.dtype | None, metadata: Mapping[str, str]) -> None:
+        """`TrainableNetwork.save_file`: sd-scripts' file, written atomically."""
+        save_network(self, path, dtype=dtype, metadata=metadata)
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
@@ -184,8 +195,10 @@ def build_network(
     train_unet: bool = True,
     train_text_encoder: bool = True,
     ranks: Mapping[str, tuple[int, float]] | None = None,
+    lora: LoRALayout = SDXL_LORA,
 ) -> LoRANetwork:
-    """Create the LoRA modules for the SDXL models (not yet attached; call `network.attach()`).
+    """Create the LoRA modules for a family's models (not yet attached; call `network.attach()`); `lora` is the
+    family's layers and names (SDXL's by default).
 
     `ranks` (lora_name -> (rank, alpha)) builds exactly the modules a file holds (`--dim_from_weights`);
     otherwise ranks come from `network_dim`/`network_alpha` and `network_args`. Parts that are not trained get
@@ -193,12 +206,8 @@ def build_network(
     """
     args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args)
     plan = rank_plan(args, network_dim, network_alpha)
-    targets: list[Target] = []
-    if train_text_encoder:
-        for index, text_encoder in enumerate(text_encoders, start=1):
-            targets += text_encoder_targets(text_encoder, index)
-    if train_unet and unet is not None:
-        targets += unet_targets(unet, include_conv=ranks is not None or args.uses_conv)
+    targets = lora.targets(unet if train_unet else None, text_encoders if train_text_encoder else [],
+                           ranks is not None or args.uses_conv)
     loras, parts = [], {}
     for target in targets:
         rank, alpha = ranks.get(target.lora_name, (0, None)) if ranks is not None else _planned(plan, target)

@@ -1,23 +1,100 @@
 """--network_module: `networks.lora` is lorakit's own network; other modules follow sd-scripts' plug-in contract.
 
 A plug-in module exposes `create_network(multiplier, network_dim, network_alpha, vae, text_encoders, unet,
-**kwargs)` and returns a network with sd-scripts' API (`apply_to`, `prepare_optimizer_params`, `save_weights`,
-...), which lorakit's own network also answers.
+**kwargs)` and returns a network with sd-scripts' API (`apply_to`, `prepare_optimizer_params`, `load_weights`,
+`save_weights`, ...). `PluginNetwork` puts it behind the protocol the trainer talks to (`TrainableNetwork`), which
+lorakit's `LoRANetwork` answers directly.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Mapping, Sequence
+import os
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
 
+import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.network.network import build_network
+from lorakit.network.targets import SDXL_LORA, LoRALayout
 
 LORAKIT_MODULE = "networks.lora"
 EXTRAS = {"lycoris": "lycoris"}  # top-level package -> lorakit extra that installs it
+
+
+class TrainableNetwork(Protocol):
+    """What the trainer asks of a network, lorakit's own or a plug-in's (besides nn.Module's `state_dict`,
+    `load_state_dict`, `parameters`, `train`, `eval` and `to`)."""
+
+    multiplier: float
+
+    def attach(self) -> None:
+        """Start changing the models' outputs."""
+
+    def parameter_groups(self, unet_lr: float | None, text_encoder1_lr: float | None,
+                         text_encoder2_lr: float | None, learning_rate: float | None) -> list[dict]:
+        """Optimizer groups `{"name", "params", "lr"}`."""
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Scale the network's effect (0: the base model)."""
+
+    def load_file(self, path: str | os.PathLike, unet: nn.Module | None, lora: LoRALayout) -> None:
+        """--network_weights (a file's names are the family's, `lora`; the U-Net renames SDXL's)."""
+
+    def save_file(self, path: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str]) -> None:
+        """Write the network's file completely under `path` (written elsewhere first, then renamed)."""
+
+    def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
+        """--scale_weight_norms: (modules scaled, mean norm, max norm)."""
+
+
+class PluginNetwork:
+    """A plug-in's network (sd-scripts' network API) behind `TrainableNetwork`; anything else it is asked for
+    (`state_dict`, `parameters`, `to`, ...) is the plug-in network's own."""
+
+    def __init__(self, network: nn.Module, text_encoders: Sequence[nn.Module], unet: nn.Module,
+                 train_text_encoder: bool, train_unet: bool) -> None:
+        self.network = network
+        self._attach = (list(text_encoders), unet, train_text_encoder, train_unet)
+
+    def __getattr__(self, name: str):
+        return getattr(self.network, name)
+
+    def attach(self) -> None:
+        self.network.apply_to(*self._attach)
+
+    def parameter_groups(self, unet_lr: float | None, text_encoder1_lr: float | None,
+                         text_encoder2_lr: float | None, learning_rate: float | None) -> list[dict]:
+        result = self.network.prepare_optimizer_params(text_encoder1_lr, unet_lr, learning_rate)
+        groups = result[0] if isinstance(result, tuple) else result
+        return [{"name": f"group{i}", **(g if isinstance(g, dict) else {"params": list(g)})}
+                for i, g in enumerate(groups)]
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.network.set_multiplier(multiplier)
+
+    @property
+    def multiplier(self) -> float:
+        return getattr(self.network, "multiplier", 1.0)
+
+    def load_file(self, path: str | os.PathLike, unet: nn.Module | None, lora: LoRALayout) -> None:
+        self.network.load_weights(str(path))
+
+    def save_file(self, path: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str]) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # plug-ins write the file themselves
+        self.network.save_weights(str(partial), dtype, dict(metadata))
+        os.replace(partial, path)
+
+    def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
+        regularize = getattr(self.network, "apply_max_norm_regularization", None)
+        if regularize is None:
+            raise LorakitError(f"--scale_weight_norms: the {type(self.network).__name__} of this --network_module has "
+                               "no apply_max_norm_regularization")
+        return regularize(max_norm_value, device)
 
 
 def create_network(
@@ -33,18 +110,21 @@ def create_network(
     multiplier: float = 1.0,
     train_unet: bool = True,
     train_text_encoder: bool = True,
-):
-    """Build the network named by --network_module. lorakit's own network gets no modules for parts not trained;
-    a plug-in gets all models, and the trainer then calls `apply_to(..., apply_text_encoder, apply_unet)`."""
+    lora: LoRALayout = SDXL_LORA,
+) -> TrainableNetwork:
+    """Build the network named by --network_module. lorakit's own network gets no modules for parts not trained
+    (`lora`: the family's layers and names); a plug-in gets all models, and attaching it calls its
+    `apply_to(..., apply_text_encoder, apply_unet)`."""
     if network_module == LORAKIT_MODULE:
         return build_network(unet, text_encoders, network_dim=network_dim, network_alpha=network_alpha,
                              dropout=dropout, network_args=network_args, multiplier=multiplier,
-                             train_unet=train_unet, train_text_encoder=train_text_encoder)
+                             train_unet=train_unet, train_text_encoder=train_text_encoder, lora=lora)
     module = import_network_module(network_module)
     kwargs = dict(network_args or {})
     kwargs.setdefault("dropout", dropout)  # sd-scripts' trainer does the same (a LyCORIS workaround)
-    return module.create_network(multiplier, network_dim, network_alpha, vae, list(text_encoders), unet,
-                                 neuron_dropout=dropout, **kwargs)
+    network = module.create_network(multiplier, network_dim, network_alpha, vae, list(text_encoders), unet,
+                                    neuron_dropout=dropout, **kwargs)
+    return PluginNetwork(network, text_encoders, unet, train_text_encoder, train_unet)
 
 
 def import_network_module(name: str):

@@ -8,9 +8,9 @@ the models are diffusers / transformers ones: the diffusers module path is trans
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIXES = ("lora_te1", "lora_te2")
@@ -110,3 +110,30 @@ def diffusers_to_sgm_names(unet: nn.Module) -> dict[str, str]:
 
     return {lora_name(UNET_PREFIX, path): lora_name(UNET_PREFIX, sgm)
             for path, sgm in unet_module_paths(dict(unet.config)).items()}
+
+
+def to_sgm_names(state: Mapping[str, Tensor], unet: nn.Module | None) -> dict[str, Tensor]:
+    """Rename diffusers-style `lora_unet_*` module names to sd-scripts' SGM names; other keys pass unchanged."""
+    names = diffusers_to_sgm_names(unet) if unet is not None else {}
+    converted = {}
+    for key, value in state.items():
+        name, dot, rest = key.partition(".")
+        converted[names.get(name, name) + dot + rest] = value
+    return converted
+
+
+def sdxl_targets(unet: nn.Module | None, text_encoders: Sequence[nn.Module], include_conv: bool) -> list[Target]:
+    """SDXL's: both text encoders (`lora_te1`, `lora_te2`) and the U-Net in SGM names."""
+    targets = [t for index, encoder in enumerate(text_encoders, start=1) for t in text_encoder_targets(encoder, index)]
+    return targets + (unet_targets(unet, include_conv) if unet is not None else [])
+
+
+@dataclass(frozen=True)
+class LoRALayout:
+    """Which layers of a family's models carry LoRA, and how LoRA files name them (a family's `lora`)."""
+
+    targets: Callable[[nn.Module | None, Sequence[nn.Module], bool], list[Target]]  # (U-Net, encoders, conv?)
+    file_names: Callable[[Mapping[str, Tensor], nn.Module | None], dict[str, Tensor]]  # a file's keys, renamed
+
+
+SDXL_LORA = LoRALayout(sdxl_targets, to_sgm_names)

@@ -19,7 +19,7 @@ import torch
 from accelerate import init_empty_weights
 
 from lorakit.fileio import atomic_path
-from lorakit.models.components import ModelIdentity, Network, SDXLComponents, sdxl_networks
+from lorakit.models.components import ModelIdentity, ModelPart, SDXLComponents, sdxl_networks
 from lorakit.models.tokenizers import load_tokenizers
 
 Size = Literal["tiny", "full"]
@@ -56,7 +56,7 @@ def random_tensor(shape: Sequence[int], name: str, seed: int) -> torch.Tensor:
     return noise.mul_(0.02)
 
 
-def random_network(network: Network, config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+def random_network(network: ModelPart, config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
     """Build `network` without initialising it, then fill every parameter from `random_tensor`, one at a time."""
     with init_empty_weights(include_buffers=False):
         module = network.build(config)
@@ -140,7 +140,7 @@ def _raw_bytes(tensor: torch.Tensor, dtype: torch.dtype | None) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def _sgm_state(network: Network, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _sgm_state(network: ModelPart, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return network.to_sgm(module.state_dict(), network.config_of(module))
 
 

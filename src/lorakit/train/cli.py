@@ -1,5 +1,5 @@
-"""`lorakit train` / `sdxl_train_network.py` / `python -m lorakit train`: parse the flag table, set up console
-logging, train; bad input is one line on stderr and exit code 2 (`lorakit.errors.guarded`)."""
+"""`lorakit train` / `sdxl_train_network.py` / `train_network.py` / `python -m lorakit train`: parse the flag
+table, set up console logging, train; bad input is one line on stderr and exit code 2 (`lorakit.errors.guarded`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from lorakit.console import configure_logging
 from lorakit.errors import guarded
 
 
-def main(argv: list[str] | None = None, prog: str = "lorakit train") -> int:
+def main(argv: list[str] | None = None, prog: str = "lorakit train", family: str = "sdxl") -> int:
+    """`family`: the model family of the entry point (sdxl_train_network.py: "sdxl", train_network.py: "sd1")."""
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging("INFO", None, True)  # until the flags are parsed, so their warnings show
-    return guarded(prog, argv, lambda: _train(argv, prog))
+    return guarded(prog, argv, lambda: _train(argv, prog, family))
 
 
-def _train(argv: list[str], prog: str) -> int:
+def _train(argv: list[str], prog: str, family: str) -> int:
     from lorakit.config import parse_train_args
 
-    config = parse_train_args(argv, prog=prog)
+    config = parse_train_args(argv, prog=prog, family=family)
     configure_logging(config.console_log_level, config.console_log_file, config.console_log_simple)
     from lorakit.train.trainer import train
 

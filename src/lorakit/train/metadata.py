@@ -15,11 +15,10 @@ from lorakit.config import TrainConfig
 from lorakit.data.buckets import aspect_ratio_error
 from lorakit.data.dataset import TrainingData
 from lorakit.errors import LorakitError
+from lorakit.families import ModelFamily
 from lorakit.fileio import kind_of
 from lorakit.models.components import ModelIdentity
 from lorakit.network.io import build_modelspec
-
-BASE_MODEL_VERSION = "sdxl_base_v1-0"
 
 
 @dataclass(frozen=True)
@@ -41,24 +40,25 @@ class RunFacts:
 
 
 def run_metadata(config: TrainConfig, facts: RunFacts, data: TrainingData, model: ModelIdentity,
-                 vae: ModelIdentity | None) -> dict[str, str]:
+                 vae: ModelIdentity | None, family: ModelFamily) -> dict[str, str]:
     """The metadata every save of this run shares (`--no_metadata` keeps the minimal keys)."""
     text_encoder_lr = config.text_encoder_lr1 if config.text_encoder_lr1 is not None else config.learning_rate
     metadata: dict[str, object] = {
         "ss_network_module": config.network_module or "networks.lora",
         "ss_network_dim": config.network_dim if config.network_dim is not None else 4,
         "ss_network_alpha": float(facts.network_alpha),
-        "ss_v2": False,
-        "ss_base_model_version": BASE_MODEL_VERSION,
+        **family.metadata(config.v_parameterization),
     }
     if facts.network_args:  # sd-scripts writes it only when --network_args was given
         metadata["ss_network_args"] = json.dumps(facts.network_args)
     if not config.no_metadata:
         metadata |= _training_metadata(config, facts, text_encoder_lr) | _dataset_metadata(data)
         metadata |= _model_metadata("sd_model", model) | (_model_metadata("vae", vae) if vae else {})
+    architecture, default_resolution = family.modelspec(config.v_parameterization)
     spec = build_modelspec(
         title=config.metadata_title or config.output_name, timestamp=facts.started_at,
-        resolution=_resolution(config, data), v_parameterization=config.v_parameterization,
+        resolution=_resolution(config, data), architecture=architecture, default_resolution=default_resolution,
+        v_parameterization=config.v_parameterization,
         timestep_range=(config.min_timestep, config.max_timestep), clip_skip=config.clip_skip,
         author=config.metadata_author, description=config.metadata_description, license=config.metadata_license,
         tags=config.metadata_tags, merged_from=config.metadata_merged_from, usage_hint=config.metadata_usage_hint,

@@ -31,8 +31,8 @@ import torch
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.fileio import describe_os_error, kind_of
-from lorakit.models import load_sdxl
-from lorakit.models.components import SDXLComponents
+from lorakit.families import ModelFamily
+from lorakit.models.components import Components
 from lorakit.models.loading import check_hub_model, is_hub_id
 from lorakit.network.apply import file_network
 from lorakit.network.io import match_network_weights
@@ -63,8 +63,8 @@ class Preflight:
     lines: list[str]
 
 
-def preflight(config: TrainConfig, prompts: list[SamplePrompt], resumed: TrainState | None, max_train_steps: int,
-              device: torch.device, world: int) -> Preflight:
+def preflight(config: TrainConfig, family: ModelFamily, prompts: list[SamplePrompt], resumed: TrainState | None,
+              max_train_steps: int, device: torch.device, world: int) -> Preflight:
     check_input_paths(config)
     check_output_paths(config)
     check_logging(config)
@@ -72,17 +72,16 @@ def preflight(config: TrainConfig, prompts: list[SamplePrompt], resumed: TrainSt
     for sampler in sorted({prompt.sampler for prompt in prompts}):
         make_scheduler(sampler, config.v_parameterization)  # a sampler's missing package (lms: scipy) fails here
     lines = []
-    model = rehearse_model(config)
+    model = rehearse_model(config, family)
     if model is None:
         lines.append(f"model: {config.pretrained_model_name_or_path} is on the hub, not in the local cache: it is "
                      "downloaded when the run starts, so its shapes and the network on it are not checked here")
-        groups = [{"name": "network", "lr": config.learning_rate}]
+        network = None
     else:
-        network = rehearse_network(config, model)
+        network = rehearse_network(config, family, model)
         lines.append(memory_estimate(config, model, network))
-        groups = network_groups(config, network)
-    rehearse_optimization(config, groups, max_train_steps, device, world)
-    if resumed is not None and model is not None and isinstance(network, LoRANetwork):
+    rehearse_optimization(config, network_groups(config, network), max_train_steps, device, world)
+    if resumed is not None and network is not None:
         rehearse_resume(config, resumed, network, max_train_steps, device)
     lines.append(cpu_precision(config, device))
     return Preflight([line for line in lines if line])
@@ -138,13 +137,13 @@ def writable_folder(path: str, flag: str) -> None:
 # ---------------------------------------------------------------------------------------------------- rehearsals
 
 
-def rehearse_model(config: TrainConfig) -> SDXLComponents | None:
+def rehearse_model(config: TrainConfig, family: ModelFamily) -> Components | None:
     """The model on the meta device, or None for a hub id that is not in the local cache (checked at load)."""
     source = config.pretrained_model_name_or_path
     local = kind_of(source, "--pretrained_model_name_or_path") is not None
     try:
-        return load_sdxl(source, vae=config.vae, dtype=torch.float32, device="meta",
-                         tokenizer_cache_dir=config.tokenizer_cache_dir)
+        return family.load(source, vae=config.vae, dtype=torch.float32, device="meta",
+                           tokenizer_cache_dir=config.tokenizer_cache_dir)
     except LorakitError:
         if local or not is_hub_id(source):
             raise
@@ -152,29 +151,32 @@ def rehearse_model(config: TrainConfig) -> SDXLComponents | None:
     return None
 
 
-def rehearse_network(config: TrainConfig, model: SDXLComponents):
-    """The run's network built on the meta model, with every LoRA file it reads checked against it."""
+def rehearse_network(config: TrainConfig, family: ModelFamily, model: Components) -> LoRANetwork | None:
+    """The run's network built on the meta model, with every LoRA file it reads checked against it; None for a
+    plug-in's network (its module is imported; it builds its network at set-up)."""
     train_unet = not config.network_train_text_encoder_only
     train_text_encoder = not config.network_train_unet_only
     if (config.network_module or LORAKIT_MODULE) != LORAKIT_MODULE:
-        return import_network_module(config.network_module)  # a plug-in builds its own network at set-up
-    encoders = [model.text_encoder1, model.text_encoder2] if train_text_encoder else []
+        import_network_module(config.network_module)
+        return None
+    encoders = model.text_encoders if train_text_encoder else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's notes on copying into meta tensors
-        network = new_network(config, model.unet, encoders, None, train_unet, train_text_encoder)
+        network = new_network(config, family.lora, model.unet, encoders, None, train_unet, train_text_encoder)
         if config.network_weights:
-            match_network_weights(network, config.network_weights, model.unet)
+            match_network_weights(network, config.network_weights, model.unet, family.lora)
         for path, multiplier in zip(config.base_weights or (), base_weight_multipliers(config)):
-            file_network(model, path, multiplier)
+            file_network(model, path, multiplier, family.lora)
     if not network.loras:
         raise LorakitError("the network has no LoRA modules: nothing to train (check --network_args and "
                            "--network_train_*_only)")
     return network
 
 
-def network_groups(config: TrainConfig, network) -> list[dict]:
-    """The optimizer groups the run will build, without their tensors (names and learning rates)."""
-    if not isinstance(network, LoRANetwork):
+def network_groups(config: TrainConfig, network: LoRANetwork | None) -> list[dict]:
+    """The optimizer groups the run will build, without their tensors (names and learning rates); one group at
+    --learning_rate when the network is not built here (a plug-in's, or a model still on the hub)."""
+    if network is None:
         return [{"name": "network", "lr": config.learning_rate}]
     groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
                                       config.learning_rate)
@@ -275,18 +277,19 @@ class _refusal:
 # ---------------------------------------------------------------------------------------------------- estimates
 
 
-def memory_estimate(config: TrainConfig, model: SDXLComponents, network) -> str:
+def memory_estimate(config: TrainConfig, model: Components, network: LoRANetwork | None) -> str:
     """Resident memory during training from the model's parameter counts: frozen weights in their dtypes (a
     released model counts 0) and the LoRA with its gradients and optimizer state; activations come on top.
     Refuses a network that alone would not fit the device."""
     weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
-    counts = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0
-              for name, module in model.networks().items()}
-    unet = counts["unet"] * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
-    text = 0 if config.cache_text_encoder_outputs else (counts["text_encoder1"] + counts["text_encoder2"]) * (
+    def count(module: torch.nn.Module | None) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    unet = count(model.unet) * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
+    text = 0 if config.cache_text_encoder_outputs else sum(map(count, model.text_encoders)) * (
         1 if config.fp8_base else weight_bytes)
-    vae = 0 if config.cache_latents else counts["vae"] * (4 if config.no_half_vae else weight_bytes)
-    lora_parameters = sum(p.numel() for p in network.parameters()) if isinstance(network, LoRANetwork) else 0
+    vae = 0 if config.cache_latents else count(model.vae) * (4 if config.no_half_vae else weight_bytes)
+    lora_parameters = count(network)
     lora = lora_parameters * ((2 if config.full_bf16 or config.full_fp16 else 4) * 2 + 8)  # weights, grads, 2 states
     available = device_memory()
     if lora > available:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from lorakit.config import TrainConfig
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, one_line
 from lorakit.train.logs import MovingAverage
 from lorakit.train.state import TrainState, preserved_rng, read_state, set_rng_state
 
@@ -80,7 +80,7 @@ def rehearse_restore(resumed: TrainState, network, optimizer, lr_scheduler, scal
             lr_scheduler.step()
         except Exception as error:  # noqa: BLE001 - whatever the libraries raise for a state that does not fit
             raise LorakitError(f"--resume: the state's optimizer or schedule does not fit this run "
-                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+                               f"({type(error).__name__}: {one_line(error)[:200]})") from None
 
 
 def run_seed(config: TrainConfig, resumed: TrainState | None) -> int:

@@ -14,10 +14,10 @@ from accelerate import Accelerator
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.models.float8 import store_in_float8
-from lorakit.network.apply import network_from_file, to_sgm_names
-from lorakit.network.io import load_network_weights, read_lora
-from lorakit.network.network import LoRANetwork
-from lorakit.network.plugins import LORAKIT_MODULE, create_network
+from lorakit.network.apply import network_from_file
+from lorakit.network.io import read_lora
+from lorakit.network.plugins import LORAKIT_MODULE, TrainableNetwork, create_network
+from lorakit.network.targets import LoRALayout
 from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
 from lorakit.train.schedulers import build_scheduler
 
@@ -88,33 +88,24 @@ def store_base_weights(config: TrainConfig, unet, text_encoders, compute_dtype: 
             store_in_float8(text_encoder, compute_dtype, skip=("embeddings", "norm"))
 
 
-def make_network(config: TrainConfig, components, unet, text_encoders, vae, train_unet: bool,
-                 train_text_encoder: bool):
-    """Build the network (or the plug-in's), attach it, load --network_weights; returns it and its alpha."""
+def make_network(config: TrainConfig, lora: LoRALayout, unet, text_encoders, vae, train_unet: bool,
+                 train_text_encoder: bool) -> tuple[TrainableNetwork, float]:
+    """Build the network (or the plug-in's) for the family's `lora` layout, attach it, load --network_weights;
+    returns it and its alpha."""
     live_encoders = [t for t in text_encoders if t is not None]
-    network = new_network(config, unet, live_encoders, vae, train_unet, train_text_encoder)
-    if isinstance(network, LoRANetwork):
+    network = new_network(config, lora, unet, live_encoders, vae, train_unet, train_text_encoder)
+    if hasattr(network, "module_counts"):
         logger.info("LoRA modules: %s", network.module_counts())
-        network.attach()
-    else:
-        network.apply_to(live_encoders, unet, train_text_encoder, train_unet)
+    network.attach()
     if config.network_weights:
-        if isinstance(network, LoRANetwork):
-            report = load_network_weights(network, config.network_weights, unet)
-            if report.missing:
-                logger.warning("--network_weights: %d tensors of the network are not in the file (first: %s)",
-                               len(report.missing), report.missing[0])
-            if report.unexpected:
-                logger.warning("--network_weights: %d tensors of the file are not in the network (first: %s)",
-                               len(report.unexpected), report.unexpected[0])
-        else:
-            network.load_weights(config.network_weights)
-    alphas = {float(lora.alpha) for lora in getattr(network, "loras", [])}
+        network.load_file(config.network_weights, unet, lora)
+    alphas = {float(module.alpha) for module in getattr(network, "loras", [])}
     network_alpha = alphas.pop() if len(alphas) == 1 else (config.network_alpha or 0.0)
     return network, network_alpha
 
 
-def new_network(config: TrainConfig, unet, text_encoders, vae, train_unet: bool, train_text_encoder: bool):
+def new_network(config: TrainConfig, lora: LoRALayout, unet, text_encoders, vae, train_unet: bool,
+                train_text_encoder: bool) -> TrainableNetwork:
     """The network --network_module names, with ranks from the flags or --dim_from_weights; neither attached nor
     loaded (the dry run builds it on the meta device)."""
     args = network_args_dict(config)
@@ -122,19 +113,13 @@ def new_network(config: TrainConfig, unet, text_encoders, vae, train_unet: bool,
         if not config.network_weights:
             raise LorakitError("--dim_from_weights needs --network_weights naming the file to take ranks from")
         state, _ = read_lora(config.network_weights)
-        return network_from_file(unet, text_encoders, to_sgm_names(state, unet), config.network_weights,
+        return network_from_file(unet, text_encoders, lora.file_names(state, unet), config.network_weights,
                                  network_args=args, dropout=config.network_dropout, train_unet=train_unet,
-                                 train_text_encoder=train_text_encoder)
+                                 train_text_encoder=train_text_encoder, lora=lora)
     return create_network(config.network_module or LORAKIT_MODULE, unet=unet, text_encoders=text_encoders, vae=vae,
                           network_dim=config.network_dim, network_alpha=config.network_alpha,
                           dropout=config.network_dropout, network_args=args, train_unet=train_unet,
-                          train_text_encoder=train_text_encoder)
-
-
-def plugin_groups(network, config: TrainConfig) -> list[dict]:
-    result = network.prepare_optimizer_params(config.text_encoder_lr1, config.unet_lr, config.learning_rate)
-    groups = result[0] if isinstance(result, tuple) else result
-    return [g if isinstance(g, dict) else {"params": list(g)} for g in groups]
+                          train_text_encoder=train_text_encoder, lora=lora)
 
 
 def network_args_dict(config: TrainConfig) -> dict[str, str] | None:

@@ -1,11 +1,11 @@
 """Sample images during training (reference §8): when to sample, the samplers, and one sampling point.
 
-Images come from diffusers' `StableDiffusionXLPipeline` assembled around the live training modules: nothing is
-copied, and the LoRA stays applied because its forward hooks sit on those very modules. Prompts are encoded the
-way training encodes captions (`lorakit.models.text_encoding`: penultimate states, TE2's pooled vector, up to
-three 75-token chunks like the reference's long-prompt pipeline), with A1111 prompt weights `(word:1.2)`, `[word]`
-applied to the hidden states as `--weighted_captions` does (the reference's pipeline also rescales them to keep
-their mean; lorakit does not).
+Images come from the model family's diffusers pipeline (`ModelFamily.sample`: `StableDiffusionXLPipeline` for
+SDXL) assembled around the live training modules: nothing is copied, and the LoRA stays applied because its
+forward hooks sit on those very modules. Prompts are encoded the way training encodes captions
+(`lorakit.models.text_encoding`, up to three 75-token chunks like the reference's long-prompt pipeline), with
+A1111 prompt weights `(word:1.2)`, `[word]` applied to the hidden states as `--weighted_captions` does (the
+reference's pipeline also rescales them to keep their mean; lorakit does not).
 
 Sampling leaves training exactly as it was: the python, numpy and torch (CPU and CUDA) RNG states are restored,
 every module's train/eval flag is restored, and each prompt draws from its own `torch.Generator`.
@@ -42,15 +42,12 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from lorakit.data.weighted_captions import plain_text, weighted_tokens
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
-from lorakit.models.text_encoding import encode_tokens
 from lorakit.train.sample_prompts import SamplePrompt
 from lorakit.train.state import preserved_rng
 
@@ -85,8 +82,6 @@ SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     "k_dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
 }
 
-CHUNK_TOKENS = 75
-MAX_CHUNKS = 3  # the reference's max_embeddings_multiples: prompts of up to 225 tokens
 CONTACT_CELL = 384  # longest side of an image in the contact sheet, in pixels (smaller images are not enlarged)
 CONTACT_MIN_WIDTH = 320  # column width, so that captions of small images stay readable
 LINE_HEIGHT = 18
@@ -128,27 +123,30 @@ class SamplingResult:
 
 
 @torch.no_grad()
-def generate_samples(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2,
+def generate_samples(family, components, unet, text_encoders: Sequence[torch.nn.Module],
                      prompts: Sequence[SamplePrompt], output_dir: str | Path, output_name: str | None, step: int,
                      epoch: int | None, *, v_parameterization: bool = False, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32, network: torch.nn.Module | None = None) -> SamplingResult:
-    """Generate one image per prompt and a contact sheet. `epoch` set: an epoch-end point (`e{epoch:06d}` names),
-    else a step point. Pass the unwrapped U-Net (not a DDP or compiled wrapper) and the LoRA `network`, if any,
-    so that its dropouts are off while sampling. Modules stay where they are, except that the VAE visits
-    `device` for decoding; `dtype` other than float32 runs the pipeline under autocast."""
+    """Generate one image per prompt through the `family`'s pipeline, and a contact sheet. `epoch` set: an
+    epoch-end point (`e{epoch:06d}` names), else a step point. Pass the unwrapped U-Net (not a DDP or compiled
+    wrapper), the live text encoders, and the LoRA `network`, if any, so that its dropouts are off while
+    sampling. Modules stay where they are, except that the VAE visits `device` for decoding; `dtype` other than
+    float32 runs the pipeline under autocast."""
     device = torch.device(device)
     folder = Path(output_dir) / "sample"
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
     prefix = f"{output_name}_" if output_name else ""
     tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-    modules = [m for m in (unet, vae, text_encoder1, text_encoder2, network) if m is not None]
+    vae = components.vae
+    modules = [m for m in (unet, vae, *text_encoders, network) if m is not None]
 
     images, paths, seeds = [], [], []
     with preserved_rng(), _eval_mode(modules), _on_device(vae, device):
         for index, prompt in enumerate(prompts):
             seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(2**32)
-            image = _generate(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2, prompt, seed,
-                              v_parameterization, device, dtype)
+            image = family.sample(components, unet, text_encoders, prompt, seed,
+                                  v_parameterization=v_parameterization, device=device, dtype=dtype,
+                                  scheduler=make_scheduler(prompt.sampler, v_parameterization))
             path = folder / f"{prefix}{tag}_{index:02d}_{stamp}_{seed}.png"
             with atomic_path(path) as temporary:
                 image.save(temporary, format="PNG", pnginfo=_png_parameters(prompt, seed))
@@ -159,40 +157,6 @@ def generate_samples(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokeni
     with atomic_path(contact) as temporary:
         contact_sheet(images, prompts, seeds).save(temporary, format="PNG")
     return SamplingResult(images=paths, contact_sheet=contact, seeds=seeds)
-
-
-def _generate(unet, vae, text_encoder1, text_encoder2, tokenizer1, tokenizer2, prompt: SamplePrompt, seed: int,
-              v_parameterization: bool, device: torch.device, dtype: torch.dtype) -> Image.Image:
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder1, text_encoder_2=text_encoder2, tokenizer=tokenizer1,
-        tokenizer_2=tokenizer2, unet=unet, scheduler=make_scheduler(prompt.sampler, v_parameterization),
-        add_watermarker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    max_tokens = _token_budget(tokenizer1, [prompt.prompt, prompt.negative_prompt])
-    texts = [prompt.prompt, prompt.negative_prompt]
-    tokens1, weights1 = weighted_tokens(tokenizer1, texts, max_tokens)
-    tokens2, weights2 = weighted_tokens(tokenizer2, texts, max_tokens)
-    context, pooled = encode_tokens(text_encoder1, text_encoder2, tokens1, tokens2, weights1, weights2)
-    context, pooled = context.to(device), pooled.to(device)
-    # A CPU generator gives the same starting noise for a seed on any device.
-    generator = torch.Generator("cpu").manual_seed(seed)
-    size = (prompt.height, prompt.width)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    with autocast:
-        return pipeline(
-            prompt_embeds=context[:1], pooled_prompt_embeds=pooled[:1], negative_prompt_embeds=context[1:],
-            negative_pooled_prompt_embeds=pooled[1:], height=prompt.height, width=prompt.width,
-            num_inference_steps=prompt.steps, guidance_scale=prompt.scale, generator=generator,
-            original_size=size, target_size=size, crops_coords_top_left=(0, 0), output_type="pil",
-        ).images[0]
-
-
-def _token_budget(tokenizer, texts: Sequence[str]) -> int:
-    """75, 150 or 225: enough 75-token chunks for the longest text (prompt and negative share a length)."""
-    longest = max(len(tokenizer(plain_text(text), add_special_tokens=False, verbose=False).input_ids)
-                  for text in texts)
-    return CHUNK_TOKENS * min(MAX_CHUNKS, max(1, math.ceil(longest / CHUNK_TOKENS)))
 
 
 def _png_parameters(prompt: SamplePrompt, seed: int) -> PngInfo:

@@ -7,7 +7,6 @@ the weights are compared across processes first); only the main process writes."
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import sys
@@ -17,8 +16,6 @@ import torch
 from accelerate import Accelerator
 
 from lorakit.config import TrainConfig
-from lorakit.network.io import save_network
-from lorakit.network.network import LoRANetwork
 from lorakit.train.interrupt import TrainingInterrupted, resume_command
 from lorakit.train.metadata import save_metadata
 from lorakit.train.optimizers import optimizer_eval_mode, optimizer_train_mode
@@ -94,7 +91,7 @@ class Checkpointer:
             if self.schedule_free:
                 optimizer_eval_mode(self.optimizer)
             metadata = save_metadata(self.metadata, steps=step, epoch=epoch, no_metadata=self.config.no_metadata)
-            save_network_file(self.network, path, self.save_dtype, metadata)
+            self.network.save_file(path, self.save_dtype, metadata)
             if self.schedule_free:
                 optimizer_train_mode(self.optimizer)
             logger.info("saved %s", path)
@@ -130,15 +127,6 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             print(message, flush=True)
         return TrainingInterrupted(message)
-
-
-def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
-    if isinstance(network, LoRANetwork):
-        save_network(network, path, dtype=dtype, metadata=metadata)
-        return
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # plug-ins write the file themselves
-    network.save_weights(str(partial), dtype, metadata)
-    os.replace(partial, path)
 
 
 def lora_bytes(network: torch.nn.Module, dtype: torch.dtype | None) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, one_line
 from lorakit.fileio import atomic_path, kind_of
 
 MARKER = "COMPLETE"
@@ -218,7 +218,7 @@ def read_state(folder: str | Path) -> TrainState:
             raise ValueError("progress.json holds no global_step")
     except Exception as error:  # any damage to a state's files ends here, in one line
         raise LorakitError(f"--resume {folder}: the state is damaged ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''}){_last_complete_hint(folder)}") from None
+                           f"{one_line(error)[:200]}){_last_complete_hint(folder)}") from None
     return state
 
 

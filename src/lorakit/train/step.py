@@ -1,37 +1,34 @@
-"""One training step's forward pass: text conditioning, then noise → U-Net → loss (reference §4.2–4.3).
+"""One training step's forward pass: noise → U-Net → loss (reference §4.2–4.3).
 
-`diffusion_loss` is the whole step on one screen; the loop (`lorakit.train.trainer`) calls it and does the
-backward pass and the optimizer step.
+`denoising_loss` is the whole step on one screen, for any family's U-Net call; the loop
+(`lorakit.train.trainer`) gives it the batch's latents and the family's prediction, then does the backward pass
+and the optimizer step. `diffusion_loss` is the same step on a bare SDXL U-Net (tests and benchmarks call it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from lorakit.data.text_cache import encode_captions
+from lorakit.data.text_cache import CaptionEncoder
+from lorakit.models.conditioning import predict
 from lorakit.train.loss import LossOptions, training_loss
 from lorakit.train.noise import NoiseOptions, NoiseSchedule, noisy_batch, v_target
 
+Prediction = Callable[[Tensor, Tensor], Tensor]  # (noisy latents, timesteps) -> the U-Net's ε or v
 
-@dataclass
-class TextEncoding:
-    """Live text conditioning: both tokenizers and encoders, how long captions may be, and caption weights."""
 
-    tokenizer1: object
-    tokenizer2: object
-    text_encoder1: torch.nn.Module
-    text_encoder2: torch.nn.Module
-    max_token_length: int | None
-    weighted_captions: bool = False
+class TextEncoding(CaptionEncoder):
+    """SDXL's live text conditioning from its two tokenizers and encoders: (context [B, L, 2048], pooled [B, 1280])
+    of the captions, as the text cache encodes them."""
 
-    def __call__(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(context [B, L, 2048], pooled [B, 1280]) of the captions, as the text cache encodes them."""
-        return encode_captions(captions, (self.tokenizer1, self.tokenizer2), (self.text_encoder1, self.text_encoder2),
-                               self.max_token_length, self.weighted_captions)
+    def __init__(self, tokenizer1, tokenizer2, text_encoder1: torch.nn.Module, text_encoder2: torch.nn.Module,
+                 max_token_length: int | None, weighted_captions: bool = False) -> None:
+        super().__init__((tokenizer1, tokenizer2), (text_encoder1, text_encoder2), max_token_length,
+                         weighted_captions)
 
 
 @dataclass(frozen=True)
@@ -42,27 +39,23 @@ class StepOptions:
     v_parameterization: bool = False
 
 
-def predict(unet: torch.nn.Module, noisy: Tensor, timesteps: Tensor, context: Tensor, pooled: Tensor,
-            time_ids: Tensor) -> Tensor:
-    """The U-Net's prediction (ε or v) with SDXL's added size/crop conditioning."""
-    dtype = unet.dtype if unet.dtype.is_floating_point and unet.dtype.itemsize > 1 else noisy.dtype
-    return unet(
-        noisy.to(dtype), timesteps, context.to(dtype),
-        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(noisy.device, dtype)},
-    ).sample
-
-
 def diffusion_loss(unet: torch.nn.Module, latents: Tensor, context: Tensor, pooled: Tensor, time_ids: Tensor,
-                   options: StepOptions, generator: torch.Generator, *, loss_weights: Tensor | None = None,
-                   masks: Tensor | None = None, preserve: Tensor | None = None,
-                   base_prediction=None) -> Tensor:
+                   options: StepOptions, generator: torch.Generator, **kwargs) -> Tensor:
+    """`denoising_loss` of a bare SDXL U-Net with the batch's text conditioning and size/crop ids."""
+    return denoising_loss(lambda noisy, timesteps: predict(unet, noisy, timesteps, context, pooled, time_ids),
+                          latents, options, generator, **kwargs)
+
+
+def denoising_loss(prediction_of: Prediction, latents: Tensor, options: StepOptions, generator: torch.Generator, *,
+                   loss_weights: Tensor | None = None, masks: Tensor | None = None, preserve: Tensor | None = None,
+                   base_prediction: Prediction | None = None) -> Tensor:
     """The scalar loss of a batch of scaled latents: draw noise and timesteps, predict, compare with the target.
 
     `preserve` marks samples whose target is the base model's own prediction (differential output preservation);
     `base_prediction(noisy, timesteps)` computes it with the LoRA switched off.
     """
     noisy = noisy_batch(latents, options.schedule, options.noise, generator)
-    prediction = predict(unet, noisy.noisy_latents, noisy.timesteps, context, pooled, time_ids)
+    prediction = prediction_of(noisy.noisy_latents, noisy.timesteps)
     if options.v_parameterization:
         target = v_target(latents, noisy.noise, noisy.timesteps, options.schedule.alphas_cumprod)
     else:

@@ -61,15 +61,13 @@ from lorakit.data.dataset import Sample, TrainBatch, TrainingData, caption_optio
 from lorakit.data.discovery import load_datasets
 from lorakit.data.latent_cache import cache_latents, check_latent_caching_allowed, encode_pixels
 from lorakit.data.summary import dataset_summary
-from lorakit.data.text_cache import (TextCache, TextItem, cache_text_encoder_outputs, cached_caption,
+from lorakit.data.text_cache import (CaptionEncoder, TextCache, TextItem, cache_text_encoder_outputs, cached_caption,
                                      check_text_caching_allowed)
 from lorakit.errors import LorakitError
-from lorakit.models import load_sdxl
-from lorakit.models.components import SDXLComponents, cast_model
+from lorakit.families import ModelFamily, family_named
+from lorakit.models.components import Components, cast_model
 from lorakit.models.loading import load_vae
-from lorakit.models.vae import LATENT_SCALE
 from lorakit.network.apply import merge_lora
-from lorakit.network.network import LoRANetwork
 from lorakit.train.fused import fuse_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.interrupt import StopRequest
@@ -80,15 +78,15 @@ from lorakit.train.metadata import RunFacts, run_metadata
 from lorakit.train.noise import NoiseOptions, noise_schedule
 from lorakit.train.optimizers import BuiltOptimizer
 from lorakit.train.processes import all_reduce_sum, average_gradients, stop_requested
-from lorakit.train.resume import RunProgress, advance_scheduler, read_resumed, restore, run_seed, start_position
 from lorakit.train.preflight import preflight
+from lorakit.train.resume import RunProgress, advance_scheduler, read_resumed, restore, run_seed, start_position
 from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator,
                                      make_lr_scheduler, make_network, make_optimizer, network_args_dict,
-                                     plugin_groups, release_freed_memory, store_base_weights)
+                                     release_freed_memory, store_base_weights)
 from lorakit.train.sample_prompts import SamplePrompt, load_sample_prompts
 from lorakit.train.sampling import generate_samples, should_sample
 from lorakit.train.saving import Checkpointer
-from lorakit.train.step import StepOptions, TextEncoding, diffusion_loss, predict
+from lorakit.train.step import StepOptions, denoising_loss
 from lorakit.train.validation import should_validate, validation_loss, validation_timesteps
 
 logger = logging.getLogger("lorakit")
@@ -126,10 +124,11 @@ class NonFiniteLoss(LorakitError):
 
 def train(config: TrainConfig) -> TrainResult:
     # ------------------------------------------------------------------ data: every image scanned before any weights
+    family = family_named(config.model_family)
     resumed = read_resumed(config.resume)
     seed = run_seed(config, resumed)
     set_seed(seed)  # python, numpy, torch: the network's initial weights are the same in every process and run
-    datasets = load_datasets(dataclasses.asdict(config))
+    datasets = load_datasets(dataclasses.asdict(config), bucket_multiple=family.bucket_multiple)
     data = TrainingData(datasets, seed)
     validation_data = TrainingData(datasets, seed, validation=True)
     prompts = load_sample_prompts(config.sample_prompts, config.sample_sampler) if config.sample_prompts else []
@@ -145,7 +144,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise LorakitError(f"the run would start at {where} step {start.global_step}, at or past its last step "
                            f"{plan.max_train_steps}: nothing to train (raise --max_train_steps or "
                            "--max_train_epochs to go on)")
-    checked = preflight(config, prompts, resumed, plan.max_train_steps, accelerator.device, world)
+    checked = preflight(config, family, prompts, resumed, plan.max_train_steps, accelerator.device, world)
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
@@ -155,18 +154,18 @@ def train(config: TrainConfig) -> TrainResult:
         return TrainResult(None, 0, [])
 
     # ------------------------------------------------------------------ models, caches, network, optimizer
-    models = load_models(config, accelerator.device)
+    models = load_models(config, family, accelerator.device)
     cache_and_release(models, config, data.all_samples() + validation_data.all_samples(),
                       keep_for_sampling=bool(prompts), progress=main)
     place_unet(models, config)  # after cache_and_release has returned: no frame of it holds a released model
     train_text_encoder = not config.network_train_unet_only and models.text is None
-    network, network_alpha = make_network(config, models.components, models.unet, models.text_encoders,
-                                          models.vae, not config.network_train_text_encoder_only,
+    network, network_alpha = make_network(config, family.lora, models.unet, models.text_encoders, models.vae,
+                                          not config.network_train_text_encoder_only,
                                           not config.network_train_unet_only)
     prepare_network(config, network, models)
     opt = build_optimization(config, network, plan.max_train_steps, world, accelerator.device)
     if main:
-        print(model_summary(opt, models))
+        print(model_summary(opt, models, family))
 
     # ------------------------------------------------------------------ step options, saves, resume
     step_options = step_options_of(config)
@@ -174,7 +173,7 @@ def train(config: TrainConfig) -> TrainResult:
         config, network=network, params=opt.params, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
         scaler=opt.scaler, schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
         max_train_steps=plan.max_train_steps, accelerator=accelerator,
-        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world))
+        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world, family))
     if resumed is not None:
         restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
     if resumed is None and start.global_step:
@@ -264,28 +263,30 @@ def batch_loss(batch: TrainBatch, models: Models, network, options: StepOptions,
         latents = batch.latents.to(device)
     else:
         latents = encode_latents(models.vae, batch.pixels, config.vae_batch_size, generator).to(device)
-    latents = latents.float() * LATENT_SCALE
+    latents = latents.float() * models.family.latent_scale
     if batch.text is not None:
-        context, pooled = (t.to(device) for t in batch.text)
+        text = tuple(t.to(device) for t in batch.text)
     elif train_text_encoder:
-        context, pooled = models.encode_text(batch.captions)
+        text = models.encode_text(batch.captions)
     else:
         with torch.no_grad():
-            context, pooled = models.encode_text(batch.captions)
-    time_ids = batch.time_ids.to(device)
+            text = models.encode_text(batch.captions)
+    sizes = batch.time_ids.to(device)
+
+    def prediction(noisy, timesteps):
+        return models.family.predict(models.unet, noisy, timesteps, text, sizes)
 
     def base_prediction(noisy, timesteps):
-        multiplier = getattr(network, "multiplier", 1.0)
+        multiplier = network.multiplier
         network.set_multiplier(0.0)
         try:
-            return predict(models.unet, noisy, timesteps, context, pooled, time_ids)
+            return prediction(noisy, timesteps)
         finally:
             network.set_multiplier(multiplier)
 
     masks = None if batch.masks is None else batch.masks.to(device)
-    return diffusion_loss(models.unet, latents, context, pooled, time_ids, options, generator,
-                          loss_weights=batch.loss_weights, masks=masks, preserve=batch.preserve,
-                          base_prediction=base_prediction)
+    return denoising_loss(prediction, latents, options, generator, loss_weights=batch.loss_weights, masks=masks,
+                          preserve=batch.preserve, base_prediction=base_prediction)
 
 
 def check_finite(loss: float, batch: TrainBatch, step: int, epoch: int) -> None:
@@ -314,7 +315,7 @@ def optimizer_step(opt: Optimization, network, config: TrainConfig, world: int, 
         skipped = opt.scaler.get_scale() < scale  # fp16 gradients overflowed: the scaler skipped the step
     if not skipped:  # the schedule follows the steps taken, as accelerate does
         opt.lr_scheduler.step()
-    if config.scale_weight_norms and isinstance(network, LoRANetwork):
+    if config.scale_weight_norms:
         return network.apply_max_norm_regularization(config.scale_weight_norms, device)
     return None
 
@@ -367,18 +368,19 @@ class Models:
     """The frozen models of the run and the caches made with them. A cached model's slot is None (released, or
     parked on the CPU in `components` until sampling needs it)."""
 
-    components: SDXLComponents  # tokenizers, identities, and every model still held
+    family: ModelFamily
+    components: Components  # tokenizers, identities, and every model still held
     unet: torch.nn.Module
     vae: torch.nn.Module | None
     text_encoders: list[torch.nn.Module | None]
     weight_dtype: torch.dtype  # the mixed-precision dtype
     device: torch.device
-    encode_text: TextEncoding | None = None
+    encode_text: CaptionEncoder | None = None
     latents: Mapping | None = None
     text: TextCache | None = None
 
 
-def load_models(config: TrainConfig, device: torch.device) -> Models:
+def load_models(config: TrainConfig, family: ModelFamily, device: torch.device) -> Models:
     """The checkpoint's models on the CPU, frozen, in the mixed-precision dtype (the VAE in fp32 with
     --no_half_vae), --base_weights merged, attention configured.
 
@@ -392,20 +394,20 @@ def load_models(config: TrainConfig, device: torch.device) -> Models:
     skip = {"vae"} if fp32_vae else set()
     if unet_after_caching(config):
         skip.add("unet")
-    components = load_sdxl(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype, device="cpu",
-                           tokenizer_cache_dir=config.tokenizer_cache_dir, skip=skip)
+    components = family.load(config.pretrained_model_name_or_path, vae=config.vae, dtype=weight_dtype,
+                             device="cpu", tokenizer_cache_dir=config.tokenizer_cache_dir, skip=skip)
     if fp32_vae:
-        components.vae = load_vae(vae_source, torch.float32)
+        components.vae = load_vae(vae_source, torch.float32,
+                                  part=next(part for part in family.layout.parts() if part.attribute == "vae"))
     vae = cast_model(components.vae, torch.float32 if config.no_half_vae else weight_dtype)
-    models = Models(components, components.unet, vae, [components.text_encoder1, components.text_encoder2],
-                    weight_dtype, device)
+    models = Models(family, components, components.unet, vae, components.text_encoders, weight_dtype, device)
     for model in (models.vae, *models.text_encoders):
         model.requires_grad_(False)
     configure_attention(config, models.vae)
     if models.unet is not None:
         prepare_unet(config, models.unet)
     for path, multiplier in zip(config.base_weights or (), base_weight_multipliers(config)):
-        merge_lora(components, path, multiplier)
+        merge_lora(components, path, multiplier, family.lora)
     return models
 
 
@@ -431,24 +433,24 @@ def cache_and_release(models: Models, config: TrainConfig, samples: list[Sample]
             to_disk=config.cache_latents_to_disk, progress=progress, skip_check=config.skip_cache_check)
     for text_encoder in models.text_encoders:
         text_encoder.to(device)
-    models.encode_text = TextEncoding(components.tokenizer1, components.tokenizer2, *models.text_encoders,
-                                      max_token_length=config.max_token_length,
-                                      weighted_captions=config.weighted_captions)
+    models.encode_text = models.family.caption_encoder(components, max_token_length=config.max_token_length,
+                                                       weighted=config.weighted_captions, clip_skip=config.clip_skip)
     if config.cache_text_encoder_outputs:
-        models.text = cache_text(samples, components, models.text_encoders, config, progress)
+        models.text = cache_text(samples, components, models.encode_text, config, progress)
     if models.latents is not None:
         if keep_for_sampling:
             models.vae.to("cpu")
         else:
-            models.vae = components.vae = None
+            models.vae = None
+            components.release("vae")
     if models.text is not None:
-        models.text_encoders = [None, None]
+        models.text_encoders = [None] * len(models.text_encoders)
         models.encode_text = None  # it holds the encoders too
         if keep_for_sampling:
-            components.text_encoder1.to("cpu")
-            components.text_encoder2.to("cpu")
+            for text_encoder in components.text_encoders:
+                text_encoder.to("cpu")
         else:
-            components.text_encoder1 = components.text_encoder2 = None
+            components.release(*components.TEXT_ENCODERS)
 
 
 def place_unet(models: Models, config: TrainConfig) -> None:
@@ -457,16 +459,17 @@ def place_unet(models: Models, config: TrainConfig) -> None:
     gc.collect()
     release_freed_memory()
     if models.unet is None:
-        models.components.unet = models.unet = load_sdxl(
+        models.components.unet = models.unet = models.family.load(
             config.pretrained_model_name_or_path, dtype=models.weight_dtype,
-            skip={"vae", "text_encoder1", "text_encoder2"}).unet
+            skip={"vae", *models.components.TEXT_ENCODERS}).unet
         prepare_unet(config, models.unet)
     models.unet.to(models.device)
     store_base_weights(config, models.unet, [t for t in models.text_encoders if t is not None], models.weight_dtype)
 
 
-def cache_text(samples: list[Sample], components, text_encoders, config: TrainConfig, progress: bool) -> TextCache:
-    """--cache_text_encoder_outputs[_to_disk]: both encoders' outputs of every processed caption, encoded once;
+def cache_text(samples: list[Sample], components, encoder: CaptionEncoder, config: TrainConfig,
+               progress: bool) -> TextCache:
+    """--cache_text_encoder_outputs[_to_disk]: the text conditioning of every processed caption, encoded once;
     caption options that would change the caption between draws are refused."""
     items = []
     for sample in samples:
@@ -475,9 +478,9 @@ def cache_text(samples: list[Sample], components, text_encoders, config: TrainCo
         check_text_caching_allowed(record.subset.table, options, {record.path: record.caption})
         items.append(TextItem(record.path, cached_caption(record.caption, options)))
     return cache_text_encoder_outputs(
-        items, (components.tokenizer1, components.tokenizer2), tuple(text_encoders),
-        encoders_identity=components.identity.name, max_token_length=config.max_token_length,
-        weighted=config.weighted_captions, batch_size=max(s.batch_size for s in samples), progress=progress,
+        items, encoder.tokenizers, encoder.encoders, encoders_identity=components.identity.name,
+        max_token_length=encoder.max_token_length, weighted=encoder.weighted, clip_skip=encoder.clip_skip,
+        batch_size=max(s.batch_size for s in samples), progress=progress,
         to_disk=config.cache_text_encoder_outputs_to_disk, skip_check=config.skip_cache_check)
 
 
@@ -519,8 +522,7 @@ def build_optimization(config: TrainConfig, network, max_train_steps: int, world
     scaler = gradient_scaler(config.mixed_precision, full_fp16=config.full_fp16,
                              fused_backward_pass=config.fused_backward_pass, device_type=device.type)
     groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
-                                      config.learning_rate) if isinstance(network, LoRANetwork) else \
-        plugin_groups(network, config)
+                                      config.learning_rate)
     built = make_optimizer(config, groups)
     for warning in built.warnings:
         logger.warning(warning)
@@ -533,7 +535,7 @@ def build_optimization(config: TrainConfig, network, max_train_steps: int, world
 
 
 def metadata_of(config: TrainConfig, plan: StepPlan, opt: Optimization, network_alpha: float, seed: int,
-                data: TrainingData, models: Models, world: int) -> dict[str, str]:
+                data: TrainingData, models: Models, world: int, family: ModelFamily) -> dict[str, str]:
     """The `ss_*` metadata every saved file of the run shares (`lorakit.train.metadata`)."""
     facts = RunFacts(
         session_id=random.randrange(2**32), started_at=time.time(), num_batches_per_epoch=plan.batches_per_epoch,
@@ -541,10 +543,10 @@ def metadata_of(config: TrainConfig, plan: StepPlan, opt: Optimization, network_
         learning_rate=opt.built.lr, lr_scheduler=opt.built.lr_scheduler or config.lr_scheduler,
         network_args=network_args_dict(config), network_alpha=network_alpha, seed=seed,
         total_batch_size=data.datasets[0].settings.batch_size * world * config.gradient_accumulation_steps)
-    return run_metadata(config, facts, data, models.components.identity, models.components.vae_identity)
+    return run_metadata(config, facts, data, models.components.identity, models.components.vae_identity, family)
 
 
-def model_summary(opt: Optimization, models: Models) -> str:
+def model_summary(opt: Optimization, models: Models, family: ModelFamily) -> str:
     """The start-up block: trainable parameters and learning rate per optimizer group, and where each model
     lives."""
     lines = ["trainable parameters:"]
@@ -554,9 +556,9 @@ def model_summary(opt: Optimization, models: Models) -> str:
         lines.append(f"  {name:<16} {count:>12,}  lr {'auto' if lr is None else f'{lr:.2e}'}")
     lines.append(f"  {'total':<16} {sum(p.numel() for p in opt.params):>12,}")
     components = models.components
-    held = {"U-Net": (models.unet, models.unet), "VAE": (models.vae, components.vae),
-            "TE1": (models.text_encoders[0], components.text_encoder1),
-            "TE2": (models.text_encoders[1], components.text_encoder2)}
+    held = {"U-Net": (models.unet, models.unet), "VAE": (models.vae, components.vae)}
+    held |= {label: pair for label, pair in zip(family.text_encoder_labels,
+                                                 zip(models.text_encoders, components.text_encoders))}
     places = [f"{name} {_placement(live, parked, models.weight_dtype)}" for name, (live, parked) in held.items()]
     return "\n".join(lines + ["models: " + "; ".join(places)])
 
@@ -594,16 +596,15 @@ class SampleImages:
     def sample(self, step: int, epoch: int | None) -> None:
         if self.accelerator.is_main_process:
             components, device = self.models.components, self.models.device
-            encoders = [components.text_encoder1, components.text_encoder2]
+            encoders = components.text_encoders
             parked = [e for e in encoders if next(e.parameters()).device != torch.device(device)]
             for encoder in parked:
                 encoder.to(device)
             try:
                 result = generate_samples(
-                    self.models.unet, components.vae, *encoders, components.tokenizer1, components.tokenizer2,
-                    self.prompts, self.output_dir, self.config.output_name, step, epoch,
-                    v_parameterization=self.config.v_parameterization, device=device,
-                    dtype=self.models.weight_dtype, network=self.network)
+                    self.models.family, components, self.models.unet, encoders, self.prompts, self.output_dir,
+                    self.config.output_name, step, epoch, v_parameterization=self.config.v_parameterization,
+                    device=device, dtype=self.models.weight_dtype, network=self.network)
             finally:
                 for encoder in parked:
                     encoder.to("cpu")
