@@ -156,6 +156,7 @@ DDP = "test_ddp.py::test_two_processes_equal_one_process_accumulating_their_batc
 EXERCISED = {
     "pretrained_model_name_or_path": DESIGN, "vae": "test_loading.py::test_vae_only_single_file_replaces_the_vae",
     "v_parameterization": "test_training.py::test_v_parameterization_targets_v_and_min_snr_uses_snr_plus_one",
+    "model_family": "test_sd_family.py::test_model_family_comes_from_the_entry_point_or_the_flag_and_v2_picks_sd2",
     "mixed_precision": DESIGN,
     "no_half_vae": "test_training.py::test_no_half_vae_encodes_latents_in_float32_under_bf16",
     "fp8_base": "test_training.py::test_fp8_base_and_fp8_base_unet_train_close_to_bf16",

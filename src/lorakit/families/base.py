@@ -7,6 +7,8 @@ in its own module under `lorakit.families`.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lorakit.data.weighted_captions import plain_text
 from lorakit.models.components import Components
 from lorakit.models.loading import ModelLayout, load_model
 from lorakit.network.targets import LoRALayout
@@ -59,8 +62,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def sample(self, components: Components, unet: nn.Module, text_encoders: Sequence[nn.Module], prompt,
-               seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype,
-               scheduler) -> Image.Image:
+               seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype, scheduler,
+               clip_skip: int | None = None) -> Image.Image:
         """One sample image of a `SamplePrompt` through the family's diffusers pipeline, from the live modules,
         with `scheduler` (a diffusers scheduler of the prompt's sampler)."""
 
@@ -71,3 +74,19 @@ class ModelFamily(ABC):
     @abstractmethod
     def modelspec(self, v_parameterization: bool) -> tuple[str, tuple[int, int]]:
         """modelspec.architecture of its LoRA files and the default modelspec.resolution (width, height)."""
+
+
+CHUNK_TOKENS = 75
+MAX_CHUNKS = 3  # the reference's max_embeddings_multiples: prompts of up to 225 tokens
+
+
+def token_budget(tokenizer, texts: Sequence[str]) -> int:
+    """75, 150 or 225: enough 75-token chunks for the longest text (prompt and negative share a length)."""
+    longest = max(len(tokenizer(plain_text(text), add_special_tokens=False, verbose=False).input_ids)
+                  for text in texts)
+    return CHUNK_TOKENS * min(MAX_CHUNKS, max(1, math.ceil(longest / CHUNK_TOKENS)))
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Sampling under autocast unless the run computes in fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

@@ -8,8 +8,6 @@ this adapter is what the trainer sees of them.
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Sequence
 
 import torch
@@ -18,8 +16,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from lorakit.data.text_cache import CaptionEncoder
-from lorakit.data.weighted_captions import plain_text, weighted_tokens
-from lorakit.families.base import ModelFamily, TextOutputs
+from lorakit.data.weighted_captions import weighted_tokens
+from lorakit.families.base import ModelFamily, TextOutputs, autocast, token_budget
 from lorakit.models.components import Components
 from lorakit.models.conditioning import predict
 from lorakit.models.loading import SDXL_LAYOUT
@@ -29,8 +27,6 @@ from lorakit.network.targets import SDXL_LORA
 
 BASE_MODEL_VERSION = "sdxl_base_v1-0"
 LORA_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
-CHUNK_TOKENS = 75
-MAX_CHUNKS = 3  # the reference's max_embeddings_multiples: prompts of up to 225 tokens
 
 
 class SDXL(ModelFamily):
@@ -55,8 +51,9 @@ class SDXL(ModelFamily):
         return predict(unet, noisy, timesteps, context, pooled, sizes)
 
     def sample(self, components: Components, unet: nn.Module, text_encoders: Sequence[nn.Module], prompt,
-               seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype,
-               scheduler) -> Image.Image:
+               seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype, scheduler,
+               clip_skip: int | None = None) -> Image.Image:
+        """SDXL's pipeline with prompts encoded as training encodes captions (--clip_skip does not apply)."""
         tokenizer1, tokenizer2 = components.tokenizers
         text_encoder1, text_encoder2 = text_encoders
         pipeline = StableDiffusionXLPipeline(
@@ -85,15 +82,3 @@ class SDXL(ModelFamily):
 
     def modelspec(self, v_parameterization: bool) -> tuple[str, tuple[int, int]]:
         return LORA_ARCHITECTURE, (1024, 1024)
-
-
-def token_budget(tokenizer, texts: Sequence[str]) -> int:
-    """75, 150 or 225: enough 75-token chunks for the longest text (prompt and negative share a length)."""
-    longest = max(len(tokenizer(plain_text(text), add_special_tokens=False, verbose=False).input_ids)
-                  for text in texts)
-    return CHUNK_TOKENS * min(MAX_CHUNKS, max(1, math.ceil(longest / CHUNK_TOKENS)))
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Sampling under autocast unless the run computes in fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

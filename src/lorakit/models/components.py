@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
@@ -46,7 +47,7 @@ class ModelIdentity:
         return sha256_file(self.path) if self.path and os.path.isfile(self.path) else None
 
 
-class Components:
+class Components(ABC):
     """What every family's components answer: the networks by attribute, the text encoders and tokenizers in
     order, and `release` (a released network's slot is None)."""
 
@@ -64,6 +65,14 @@ class Components:
     def release(self, *attributes: str) -> None:
         for attribute in attributes:
             setattr(self, attribute, None)
+
+    @abstractmethod
+    def parts(self) -> tuple[ModelPart, ...]:
+        """The model's networks as a checkpoint stores them (`ModelPart`), in checkpoint order."""
+
+    @abstractmethod
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The networks by attribute name, in checkpoint order."""
 
 
 @dataclass
@@ -91,6 +100,9 @@ class SDXLComponents(Components):
         """The four networks by attribute name, in checkpoint order."""
         return {"unet": self.unet, "text_encoder1": self.text_encoder1, "text_encoder2": self.text_encoder2,
                 "vae": self.vae}
+
+    def parts(self) -> tuple[ModelPart, ...]:
+        return sdxl_networks()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""SDXL's two text encoders: transformers configs and the SGM (single-file) <-> transformers weight maps.
+"""CLIP text encoders: transformers configs and the SGM/LDM (single-file) <-> transformers weight maps of SDXL's
+two (below) and SD 2.x's OpenCLIP ViT-H (the `sd2_te_*` functions; SD 1.x's CLIP ViT-L is SDXL's TE1).
 
 TE1 is CLIP ViT-L/14, stored in SGM checkpoints under `conditioner.embedders.0.transformer.` with the
 transformers names (`text_model.embeddings...`). TE2 is OpenCLIP ViT-bigG/14, stored under
@@ -244,4 +245,77 @@ def te2_to_sgm(
     sgm["text_projection"] = state["text_projection.weight"].T.contiguous()
     if logit_scale is not None:
         sgm["logit_scale"] = logit_scale
+    return sgm
+
+
+# ---------------------------------------------------------------- SD 2.x: OpenCLIP ViT-H, run one layer short
+
+SD2_TE_PREFIX = "cond_stage_model.model."
+
+
+def sd2_te_config(size: Literal["tiny", "full"]) -> CLIPTextConfig:
+    """SD 2.x's text model as it runs: OpenCLIP ViT-H/14 without its last layer (23 of 24), or a tiny one."""
+    width, layers, mlp = {"full": (1024, 23, 4096), "tiny": (64, 2, 256)}[size]
+    return _clip_text_config(width=width, layers=layers, mlp=mlp, act="gelu", vocab=49408, positions=77,
+                             pad_token_id=TE2_PAD_TOKEN_ID)
+
+
+def sd2_te_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
+    """SD 2.x's text model from its OpenCLIP tensors (keys without SD2_TE_PREFIX): every layer but the last, which
+    SD 2.x conditions on the penultimate of (sd-scripts and diffusers drop it too)."""
+    what = "an OpenCLIP text encoder (SD 2.x)"
+    vocab, width = _shape(shapes, "token_embedding.weight", SD2_TE_PREFIX, what, 2)
+    positions, _ = _shape(shapes, "positional_embedding", SD2_TE_PREFIX, what, 2)
+    layers = _layer_count(shapes, "transformer.resblocks.", SD2_TE_PREFIX, what)
+    if layers < 2:
+        raise LorakitError(f"{SD2_TE_PREFIX}transformer.resblocks: {layers} layer; expected at least 2 (SD 2.x "
+                           "runs all but the last)")
+    mlp, _ = _shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight", SD2_TE_PREFIX, what, 2)
+    return _clip_text_config(width=width, layers=layers - 1, mlp=mlp, act="gelu", vocab=vocab, positions=positions,
+                             pad_token_id=TE2_PAD_TOKEN_ID)
+
+
+def _sd2_unused(config: CLIPTextConfig) -> set[str]:
+    """The OpenCLIP tensors SD 2.x does not run: the last layer, the projection and the temperature."""
+    last = f"transformer.resblocks.{config.num_hidden_layers}."
+    leaves = ["attn.in_proj_weight", "attn.in_proj_bias"] + [
+        f"{module}.{p}" for module in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj", "attn.out_proj") for p in _PARAMS]
+    return {last + leaf for leaf in leaves} | {"text_projection", "logit_scale"}
+
+
+def sd2_te_to_diffusers(sgm: Mapping[str, Tensor], config: CLIPTextConfig) -> dict[str, Tensor]:
+    """SD 2.x's OpenCLIP tensors -> `CLIPTextModel.state_dict()` keys (one layer fewer; no projection)."""
+    pairs, fused = _te2_layer_pairs(config), _te2_fused(config)
+    expected = {oc for _, oc in pairs} | {oc for _, _, oc in fused}
+    _check_keys(sgm, expected, _sd2_unused(config), SD2_TE_PREFIX, "the SD 2.x text encoder (OpenCLIP ViT-H)")
+    prefix = _te1_state_prefix()
+    state = {prefix + hf.removeprefix(_TEXT_MODEL): sgm[oc] for hf, oc in pairs}
+    for hf, param, oc in fused:
+        q, k, v = sgm[oc].chunk(3, dim=0)
+        hf = prefix + hf.removeprefix(_TEXT_MODEL)
+        state.update({f"{hf}q_proj.{param}": q, f"{hf}k_proj.{param}": k, f"{hf}v_proj.{param}": v})
+    return state
+
+
+def sd2_te_to_sgm(state: Mapping[str, Tensor], config: CLIPTextConfig) -> dict[str, Tensor]:
+    """`CLIPTextModel.state_dict()` of SD 2.x -> OpenCLIP tensors, with the last layer, projection and temperature
+    an SD 2.x checkpoint carries written as zeros (the model never runs them)."""
+    flat = not any(key.startswith(_TEXT_MODEL) for key in state)
+
+    def source(name: str) -> Tensor:
+        return state[name.removeprefix(_TEXT_MODEL) if flat else name]
+
+    pairs, fused = _te2_layer_pairs(config), _te2_fused(config)
+    sgm = {oc: source(hf) for hf, oc in pairs}
+    for hf, param, oc in fused:
+        sgm[oc] = torch.cat([source(f"{hf}{qkv}_proj.{param}") for qkv in "qkv"], dim=0)
+    width, mlp = config.hidden_size, config.intermediate_size
+    last = f"transformer.resblocks.{config.num_hidden_layers}."
+    zeros = {"attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+             "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,), "ln_1.weight": (width,),
+             "ln_1.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,), "mlp.c_fc.weight": (mlp, width),
+             "mlp.c_fc.bias": (mlp,), "mlp.c_proj.weight": (width, mlp), "mlp.c_proj.bias": (width,)}
+    dtype = next(iter(sgm.values())).dtype
+    sgm |= {last + leaf: torch.zeros(shape, dtype=dtype) for leaf, shape in zeros.items()}
+    sgm["text_projection"] = torch.zeros(width, width, dtype=dtype)
     return sgm

@@ -1,4 +1,4 @@
-"""The SDXL U-Net: diffusers configs, shape inference and the SGM <-> diffusers name map.
+"""The LDM/SGM U-Net of SDXL and SD 1.x/2.x: diffusers configs, shape inference and the SGM <-> diffusers name map.
 
 Single-file checkpoints (and sd-scripts' LoRA names) use Stability's SGM module names (`input_blocks.N.M`,
 `middle_block.M`, `output_blocks.N.M`); lorakit runs diffusers' `UNet2DConditionModel`. The map between the two is
@@ -8,6 +8,7 @@ derived from the config, so it holds for any number of levels, ResNets per level
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor
@@ -136,11 +137,11 @@ def unet_module_paths(config: Mapping) -> dict[str, str]:
         "conv_in": "input_blocks.0.0",
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
-        "add_embedding.linear_1": "label_emb.0.0",
-        "add_embedding.linear_2": "label_emb.0.2",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
     }
+    if config.get("addition_embed_type"):  # SDXL's pooled-text and size embedding; SD 1.x/2.x have none
+        paths |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
     n = 1
     previous = channels[0]
@@ -213,6 +214,73 @@ def _count(shapes: Mapping[str, tuple[int, ...]], template: str) -> int:
 
 def unet_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     """Infer the diffusers config of an SGM U-Net (keys without `SGM_PREFIX`) from its tensor shapes alone."""
+    layout = _ldm_layout(shapes)
+    if "label_emb.0.0.weight" not in shapes:
+        raise LorakitError(
+            f"U-Net has no label_emb (SDXL's size/pooled-text embedding), cross-attention width "
+            f"{layout.cross_attention_dim}: this looks like SD 1.x/2.x, not SDXL"
+        )
+    config = _sdxl_like_config(
+        layout.channels, layout.depths, layout.attention,
+        layers_per_block=layout.layers,
+        cross_attention_dim=layout.cross_attention_dim,
+        adm_in_channels=shapes["label_emb.0.0.weight"][1],
+        in_channels=layout.in_channels,
+        out_channels=layout.out_channels,
+        use_linear_projection=layout.linear_projection,
+    )
+    return _checked(config, shapes, "SDXL-like")
+
+
+def sd_unet_config_from_ldm(shapes: Mapping[str, tuple[int, ...]], heads: int | None) -> dict:
+    """The diffusers config of an SD 1.x/2.x LDM U-Net (keys without `SGM_PREFIX`) from its shapes: `heads` is the
+    head count of every level (SD 1.x: 8), or None for 64-wide heads (SD 2.x); checkpoints store neither."""
+    layout = _ldm_layout(shapes)
+    if "label_emb.0.0.weight" in shapes:
+        raise LorakitError("U-Net has a label_emb (SDXL's size/pooled-text embedding): this is SDXL, not SD 1.x/2.x")
+    config = sd_unet_config(layout.channels, layout.attention, layers_per_block=layout.layers,
+                            cross_attention_dim=layout.cross_attention_dim, heads=heads,
+                            use_linear_projection=layout.linear_projection, in_channels=layout.in_channels,
+                            out_channels=layout.out_channels)
+    return _checked(config, shapes, "SD 1.x/2.x")
+
+
+def sd_unet_config(channels: list[int], attention: list[bool], *, layers_per_block: int, cross_attention_dim: int,
+                   heads: int | None, use_linear_projection: bool, in_channels: int = 4, out_channels: int = 4,
+                   sample_size: int = 64) -> dict:
+    """Keyword arguments for diffusers `UNet2DConditionModel(**config)` in SD 1.x/2.x's layout: one transformer per
+    attention level and in the middle, no added embedding."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": list(channels),
+        "layers_per_block": layers_per_block,
+        "attention_head_dim": heads if heads is not None else [_heads(c) for c in channels],
+        "cross_attention_dim": cross_attention_dim,
+        "norm_num_groups": 32,
+        "use_linear_projection": use_linear_projection,
+    }
+
+
+@dataclass(frozen=True)
+class _LDMLayout:
+    """What an LDM/SGM U-Net's tensor shapes say about its levels."""
+
+    in_channels: int
+    out_channels: int
+    channels: list[int]
+    depths: list[int]  # transformer depth per level, the middle block's for the last (diffusers' convention)
+    layers: int
+    attention: list[bool]
+    cross_attention_dim: int
+    linear_projection: bool
+
+
+def _ldm_layout(shapes: Mapping[str, tuple[int, ...]]) -> _LDMLayout:
     if "input_blocks.0.0.weight" not in shapes or "out.2.weight" not in shapes:
         raise LorakitError("U-Net: no input_blocks.0.0.weight / out.2.weight; this is not an SGM/LDM U-Net")
     in_channels = shapes["input_blocks.0.0.weight"][1]
@@ -240,35 +308,26 @@ def unet_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     if not channels or len(set(layers)) != 1:
         raise LorakitError(f"U-Net: ResNets per level {layers}; expected the same number at every level")
 
-    if "label_emb.0.0.weight" not in shapes:
-        context = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
-        raise LorakitError(
-            f"U-Net has no label_emb (SDXL's size/pooled-text embedding), cross-attention width {context}: "
-            "this looks like SD 1.x/2.x, not SDXL"
-        )
     attention = [d > 0 for d in depths]
     if not any(attention):
-        raise LorakitError("U-Net has no cross-attention transformers; not an SDXL U-Net")
+        raise LorakitError("U-Net has no cross-attention transformers; not a text-conditioned U-Net")
     first = attention.index(True)
     prefix = f"input_blocks.{1 + first * (layers[0] + 1)}.1"
     cross_attention_dim = shapes[f"{prefix}.transformer_blocks.0.attn2.to_k.weight"][1]
     mid_depth = _count(shapes, "middle_block.1.transformer_blocks.{}.attn1.to_q.weight")
     if mid_depth == 0:
-        raise LorakitError("U-Net: middle_block.1 has no transformer; not an SDXL U-Net")
+        raise LorakitError("U-Net: middle_block.1 has no transformer; not a text-conditioned U-Net")
     if attention[-1] and depths[-1] != mid_depth:
         raise LorakitError(f"U-Net: middle block depth {mid_depth} differs from the last level's {depths[-1]}")
-    # Levels without attention keep SDXL's placeholder depth 1; diffusers takes the middle block's from the last.
+    # Levels without attention keep the placeholder depth 1; diffusers takes the middle block's from the last.
     depths = [d if d else 1 for d in depths[:-1]] + [depths[-1] or mid_depth]
+    return _LDMLayout(in_channels, out_channels, channels, depths, layers[0], attention, cross_attention_dim,
+                      len(shapes[f"{prefix}.proj_in.weight"]) == 2)
 
-    config = _sdxl_like_config(
-        channels, depths, attention,
-        layers_per_block=layers[0],
-        cross_attention_dim=cross_attention_dim,
-        adm_in_channels=shapes["label_emb.0.0.weight"][1],
-        in_channels=in_channels,
-        out_channels=out_channels,
-        use_linear_projection=len(shapes[f"{prefix}.proj_in.weight"]) == 2,
-    )
+
+def _checked(config: dict, shapes: Mapping[str, tuple[int, ...]], what: str) -> dict:
+    """`config` with the time embedding's width, after checking it names exactly the checkpoint's modules."""
+    channels = config["block_out_channels"]
     if shapes["time_embed.0.weight"][0] != 4 * channels[0]:
         config["time_embedding_dim"] = shapes["time_embed.0.weight"][0]
     expected = set(unet_module_paths(config).values())
@@ -276,5 +335,5 @@ def unet_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     odd = sorted(found - expected) or sorted(expected - found)
     if odd:
         state = "unexpected" if found - expected else "missing"
-        raise LorakitError(f"U-Net: {state} module {odd[0]!r} for the inferred SDXL-like layout")
+        raise LorakitError(f"U-Net: {state} module {odd[0]!r} for the inferred {what} layout")
     return config

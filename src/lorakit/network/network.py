@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from lorakit.errors import LorakitError
 from lorakit.network.args import NetworkArgs, RankPlan, parse_network_args, rank_plan
 from lorakit.network.io import load_network_weights, save_network
 from lorakit.network.module import LoRAModule, delta_weight
@@ -20,7 +21,7 @@ from lorakit.network.targets import SDXL_LORA, LoRALayout, Target, block_index
 
 logger = logging.getLogger(__name__)
 
-PART_GROUP_NAMES = {"te1": "textencoder1", "te2": "textencoder2", "unet": "unet"}
+PART_GROUP_NAMES = {"te": "textencoder", "te1": "textencoder1", "te2": "textencoder2", "unet": "unet"}
 
 
 class LoRANetwork(nn.Module):
@@ -47,8 +48,9 @@ class LoRANetwork(nn.Module):
 
     def module_counts(self) -> str:
         """"U-Net 722, text encoder 1 72, text encoder 2 192" (the start-up summary's line)."""
-        return ", ".join(f"{name} {len(self.loras_of(part))}" for part, name in
-                         (("unet", "U-Net"), ("te1", "text encoder 1"), ("te2", "text encoder 2")))
+        names = {"unet": "U-Net", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}
+        parts = [part for part in names if part in set(self._parts.values())] or ["unet"]
+        return ", ".join(f"{names[part]} {len(self.loras_of(part))}" for part in parts)
 
     def attach(self) -> None:
         """Hook every module onto its base layer (idempotent)."""
@@ -74,12 +76,14 @@ class LoRANetwork(nn.Module):
                          text_encoder2_lr: float | None, learning_rate: float | None) -> list[dict]:
         """Optimizer groups, each `{"name", "params", "lr"}`; names are the reference's `lr/<name>` log keys.
 
-        TE1, TE2 and the U-Net get their own groups (LR falls back to `learning_rate`), LoRA+ puts the `lora_up`
+        TE1, TE2 (SD 1.x/2.x: the one text encoder, at TE1's LR) and the U-Net get their own groups (LR falls back
+        to `learning_rate`), LoRA+ puts the `lora_up`
         weights in a "<name> plus" group at LR x ratio, block LR weights give one `unet_block<i>` group per
         block. A group whose LR is 0 (or None) is dropped and its parameters frozen.
         """
         groups: list[dict] = []
-        for part, lr in (("te1", text_encoder1_lr), ("te2", text_encoder2_lr), ("unet", unet_lr)):
+        for part, lr in (("te", text_encoder1_lr), ("te1", text_encoder1_lr), ("te2", text_encoder2_lr),
+                         ("unet", unet_lr)):
             lr = learning_rate if lr is None else lr
             loras = self.loras_of(part)
             if not loras:
@@ -205,6 +209,9 @@ def build_network(
     no modules at all.
     """
     args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args)
+    if not lora.block_args and (args.block_dims or args.conv_block_dims or args.block_lr_weights):
+        raise LorakitError("--network_args block_dims / conv_block_dims / *_lr_weight follow SDXL's 23 U-Net blocks; "
+                           "lorakit does not apply them to this model family yet")
     plan = rank_plan(args, network_dim, network_alpha)
     targets = lora.targets(unet if train_unet else None, text_encoders if train_text_encoder else [],
                            ranks is not None or args.uses_conv)

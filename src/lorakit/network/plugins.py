@@ -12,13 +12,13 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.network.network import build_network
+from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.targets import SDXL_LORA, LoRALayout
 
 LORAKIT_MODULE = "networks.lora"
@@ -111,10 +111,10 @@ def create_network(
     train_unet: bool = True,
     train_text_encoder: bool = True,
     lora: LoRALayout = SDXL_LORA,
-) -> TrainableNetwork:
+) -> LoRANetwork | Any:
     """Build the network named by --network_module. lorakit's own network gets no modules for parts not trained
-    (`lora`: the family's layers and names); a plug-in gets all models, and attaching it calls its
-    `apply_to(..., apply_text_encoder, apply_unet)`."""
+    (`lora`: the family's layers and names); a plug-in gets all models and returns its own network (which
+    `PluginNetwork` puts behind `TrainableNetwork`)."""
     if network_module == LORAKIT_MODULE:
         return build_network(unet, text_encoders, network_dim=network_dim, network_alpha=network_alpha,
                              dropout=dropout, network_args=network_args, multiplier=multiplier,
@@ -122,9 +122,8 @@ def create_network(
     module = import_network_module(network_module)
     kwargs = dict(network_args or {})
     kwargs.setdefault("dropout", dropout)  # sd-scripts' trainer does the same (a LyCORIS workaround)
-    network = module.create_network(multiplier, network_dim, network_alpha, vae, list(text_encoders), unet,
-                                    neuron_dropout=dropout, **kwargs)
-    return PluginNetwork(network, text_encoders, unet, train_text_encoder, train_unet)
+    return module.create_network(multiplier, network_dim, network_alpha, vae, list(text_encoders), unet,
+                                 neuron_dropout=dropout, **kwargs)
 
 
 def import_network_module(name: str):

@@ -23,7 +23,7 @@ TE_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 NUM_BLOCKS = 23  # 0 = time/label embedding, 1-9 input_blocks, 10-12 middle_block, 13-21 output_blocks, 22 = out
 
 Kind = Literal["linear", "conv1x1", "conv3x3"]
-Part = Literal["unet", "te1", "te2"]
+Part = Literal["unet", "te", "te1", "te2"]  # "te": the one text encoder of SD 1.x/2.x
 
 
 @dataclass(frozen=True)
@@ -79,28 +79,32 @@ def _descendant_layers(root: nn.Module, containers: tuple[str, ...]) -> Iterator
                 yield f"{name}.{child_name}", child, kind
 
 
-def unet_targets(unet: nn.Module, include_conv: bool) -> list[Target]:
-    """LoRA targets of a diffusers SDXL U-Net; with `include_conv` also the ResNet / resampler layers."""
+def unet_targets(unet: nn.Module, include_conv: bool, sgm_names: bool = True) -> list[Target]:
+    """LoRA targets of a diffusers U-Net; with `include_conv` also the ResNet / resampler layers. Named by their
+    SGM module paths (SDXL, sd-scripts' `get_block_index` blocks) or, with `sgm_names` off, their diffusers paths
+    (sd-scripts' SD 1.x/2.x names; no block index)."""
     from lorakit.models.unet import unet_module_paths
 
-    sgm_paths = unet_module_paths(dict(unet.config))
+    sgm_paths = unet_module_paths(dict(unet.config)) if sgm_names else None
     containers = UNET_CONTAINERS + (UNET_CONV_CONTAINERS if include_conv else ())
     targets = []
     for path, module, kind in _descendant_layers(unet, containers):
-        name = lora_name(UNET_PREFIX, sgm_paths[path])
-        targets.append(Target(name, module, "unet", kind, block_index(name)))
+        name = lora_name(UNET_PREFIX, sgm_paths[path] if sgm_paths is not None else path)
+        targets.append(Target(name, module, "unet", kind, block_index(name) if sgm_names else -1))
     return targets
 
 
-def text_encoder_targets(text_encoder: nn.Module, index: int) -> list[Target]:
-    """LoRA targets of a CLIP text encoder (index 1 = CLIP-L `lora_te1`, 2 = OpenCLIP-bigG `lora_te2`)."""
-    prefix = TE_PREFIXES[index - 1]
+def text_encoder_targets(text_encoder: nn.Module, index: int, prefix: str | None = None,
+                         part: Part | None = None) -> list[Target]:
+    """LoRA targets of a CLIP text encoder: SDXL's index 1 = CLIP-L `lora_te1`, 2 = OpenCLIP-bigG `lora_te2`;
+    `prefix` and `part` for a family with one encoder (SD 1.x/2.x: `lora_te`, part "te")."""
+    prefix = prefix or TE_PREFIXES[index - 1]
     targets = []
     for path, module, kind in _descendant_layers(text_encoder, TE_CONTAINERS):
         # transformers 5 dropped the `text_model.` level; the file names keep it (sd-scripts ran on 4.x).
         if not path.startswith("text_model."):
             path = "text_model." + path
-        targets.append(Target(lora_name(prefix, path), module, "te1" if index == 1 else "te2", kind, -1))
+        targets.append(Target(lora_name(prefix, path), module, part or ("te1" if index == 1 else "te2"), kind, -1))
     return targets
 
 
@@ -134,6 +138,7 @@ class LoRALayout:
 
     targets: Callable[[nn.Module | None, Sequence[nn.Module], bool], list[Target]]  # (U-Net, encoders, conv?)
     file_names: Callable[[Mapping[str, Tensor], nn.Module | None], dict[str, Tensor]]  # a file's keys, renamed
+    block_args: bool = True  # block_dims / *_lr_weight of --network_args (SDXL's 23 blocks) apply
 
 
 SDXL_LORA = LoRALayout(sdxl_targets, to_sgm_names)

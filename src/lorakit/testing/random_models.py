@@ -1,8 +1,9 @@
-"""SDXL-architecture models with seeded random weights, written as real checkpoints.
+"""Models of a family's architecture (SDXL, SD 1.x, SD 2.x) with seeded random weights, written as real
+checkpoints.
 
-Tests, the demo and the benchmarks use these instead of downloading SDXL: `tiny` loads and runs in well under a
-second, `full` is the real SDXL base configuration. A single-file checkpoint is written in the original SGM layout
-component by component, so a full-size file needs the memory of one network, not four.
+Tests, the demo and the benchmarks use these instead of downloading models: `tiny` loads and runs in well under a
+second, `full` is the real base configuration. A single-file checkpoint is written in the original SGM/LDM layout
+component by component, so a full-size file needs the memory of one network, not all of them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from accelerate import init_empty_weights
 
 from lorakit.fileio import atomic_path
-from lorakit.models.components import ModelIdentity, ModelPart, SDXLComponents, sdxl_networks
-from lorakit.models.tokenizers import load_tokenizers
+from lorakit.families import family_named
+from lorakit.models.components import Components, ModelIdentity, ModelPart
 
 Size = Literal["tiny", "full"]
 
@@ -67,13 +68,14 @@ def random_network(network: ModelPart, config, seed: int, dtype: torch.dtype) ->
     return module.eval()
 
 
-def random_components(size: Size = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> SDXLComponents:
-    """All four networks with random weights, plus the offline tokenizers."""
+def random_components(size: Size = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                      family: str = "sdxl") -> Components:
+    """Every network of a `family` model with random weights, plus the offline tokenizers."""
+    layout = family_named(family).layout
     modules = {network.attribute: random_network(network, network.config(size), seed, dtype)
-               for network in sdxl_networks()}
-    tokenizer1, tokenizer2 = load_tokenizers()
-    return SDXLComponents(**modules, tokenizer1=tokenizer1, tokenizer2=tokenizer2,
-                          identity=ModelIdentity(name=f"random-sdxl-{size}-seed{seed}", path=None))
+               for network in layout.parts()}
+    return layout.assemble(modules, layout.tokenizers(None),
+                           ModelIdentity(name=f"random-{family}-{size}-seed{seed}", path=None), None)
 
 
 # ---------------------------------------------------------------- single-file (SGM) checkpoints
@@ -144,25 +146,26 @@ def _sgm_state(network: ModelPart, module: torch.nn.Module) -> dict[str, torch.T
     return network.to_sgm(module.state_dict(), network.config_of(module))
 
 
-def write_single_file(components: SDXLComponents, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write loaded components as one SGM single-file checkpoint (the layout of sd_xl_base_1.0.safetensors)."""
+def write_single_file(components: Components, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write loaded components as one single-file checkpoint (SDXL: the layout of sd_xl_base_1.0.safetensors)."""
     parts = []
-    for network in sdxl_networks():
+    for network in components.parts():
         module = getattr(components, network.attribute)
         produce = lambda network=network, module=module: _sgm_state(network, module)  # noqa: E731
         parts.append(SGMPart(network.prefix, produce, produce))
     write_safetensors_stream(parts, path, dtype)
 
 
-def write_random_single_file(path: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype) -> None:
+def write_random_single_file(path: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype,
+                             family: str = "sdxl") -> None:
     """Like `write_single_file(random_components(...))`, but each network exists only while it is written."""
-    write_safetensors_stream(random_sgm_parts(size, seed, dtype), path, dtype)
+    write_safetensors_stream(random_sgm_parts(size, seed, dtype, family), path, dtype)
 
 
-def random_sgm_parts(size: Size, seed: int, dtype: torch.dtype) -> list[SGMPart]:
-    """The four networks as SGMParts whose header comes from the meta device and whose tensors are made on demand."""
+def random_sgm_parts(size: Size, seed: int, dtype: torch.dtype, family: str = "sdxl") -> list[SGMPart]:
+    """The networks as SGMParts whose header comes from the meta device and whose tensors are made on demand."""
     parts = []
-    for network in sdxl_networks():
+    for network in family_named(family).layout.parts():
         config = network.config(size)
 
         def header(network=network, config=config):
@@ -179,50 +182,54 @@ def random_sgm_parts(size: Size, seed: int, dtype: torch.dtype) -> list[SGMPart]
 # ---------------------------------------------------------------- diffusers folders
 
 
-def write_diffusers(components: SDXLComponents, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write a diffusers folder that `StableDiffusionXLPipeline.from_pretrained(folder)` loads offline."""
+def write_diffusers(components: Components, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write a diffusers folder that the family's pipeline (`StableDiffusionXLPipeline`,
+    `StableDiffusionPipeline`) loads offline with `from_pretrained(folder)`."""
     def cast(module: torch.nn.Module) -> torch.nn.Module:
         return module if dtype is None else copy.deepcopy(module).to(dtype)
 
-    modules = ((network.subfolder, lambda m=getattr(components, network.attribute): cast(m))
-               for network in sdxl_networks())
-    _write_diffusers_folder(folder, modules, components.tokenizer1, components.tokenizer2)
+    modules = [(network, lambda m=getattr(components, network.attribute): cast(m)) for network in components.parts()]
+    _write_diffusers_folder(folder, modules, components.tokenizers)
 
 
-def write_random_diffusers(folder: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype) -> None:
+def write_random_diffusers(folder: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype,
+                           family: str = "sdxl") -> None:
     """Like `write_diffusers(random_components(...))`, one network in memory at a time."""
-    modules = ((network.subfolder, lambda n=network: random_network(n, n.config(size), seed, dtype))
-               for network in sdxl_networks())
-    _write_diffusers_folder(folder, modules, *load_tokenizers())
+    layout = family_named(family).layout
+    modules = [(network, lambda n=network: random_network(n, n.config(size), seed, dtype))
+               for network in layout.parts()]
+    _write_diffusers_folder(folder, modules, layout.tokenizers(None))
 
 
-def _write_diffusers_folder(folder: str | os.PathLike, modules: Iterable[tuple[str, Callable[[], torch.nn.Module]]],
-                            tokenizer1, tokenizer2) -> None:
+def _write_diffusers_folder(folder: str | os.PathLike, modules: list[tuple[ModelPart, Callable[[], torch.nn.Module]]],
+                            tokenizers: Sequence) -> None:
     from diffusers import EulerDiscreteScheduler, __version__
 
+    tokenizer_folders = ["tokenizer", "tokenizer_2"][:len(tokenizers)]
     with atomic_path(folder) as temporary:
         temporary.mkdir()
-        for subfolder, produce in modules:
-            produce().save_pretrained(temporary / subfolder, safe_serialization=True)
-        tokenizer1.save_pretrained(temporary / "tokenizer")
-        tokenizer2.save_pretrained(temporary / "tokenizer_2")
+        for network, produce in modules:
+            produce().save_pretrained(temporary / network.subfolder, safe_serialization=True)
+        for tokenizer, subfolder in zip(tokenizers, tokenizer_folders):
+            tokenizer.save_pretrained(temporary / subfolder)
         EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(temporary / "scheduler")
-        (temporary / "model_index.json").write_text(json.dumps(_model_index(__version__), indent=2) + "\n")
+        index = _model_index(__version__, [network for network, _ in modules], tokenizer_folders)
+        (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _model_index(diffusers_version: str) -> dict:
-    return {
-        "_class_name": "StableDiffusionXLPipeline",
+def _model_index(diffusers_version: str, networks: Sequence[ModelPart], tokenizer_folders: Sequence[str]) -> dict:
+    sdxl = "tokenizer_2" in tokenizer_folders
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "_diffusers_version": diffusers_version,
-        "force_zeros_for_empty_prompt": True,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
     }
+    index |= {"force_zeros_for_empty_prompt": True} if sdxl else {"safety_checker": [None, None],
+                                                                   "requires_safety_checker": False}
+    index |= {folder: ["transformers", "CLIPTokenizer"] for folder in tokenizer_folders}
+    index |= {network.subfolder: ["diffusers" if network.is_diffusers else "transformers",
+                                  network.model_class.__name__] for network in networks}
+    return dict(sorted(index.items()))
 

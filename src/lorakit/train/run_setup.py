@@ -16,7 +16,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.float8 import store_in_float8
 from lorakit.network.apply import network_from_file
 from lorakit.network.io import read_lora
-from lorakit.network.plugins import LORAKIT_MODULE, TrainableNetwork, create_network
+from lorakit.network.plugins import LORAKIT_MODULE, PluginNetwork, TrainableNetwork, create_network
 from lorakit.network.targets import LoRALayout
 from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
 from lorakit.train.schedulers import build_scheduler
@@ -116,10 +116,14 @@ def new_network(config: TrainConfig, lora: LoRALayout, unet, text_encoders, vae,
         return network_from_file(unet, text_encoders, lora.file_names(state, unet), config.network_weights,
                                  network_args=args, dropout=config.network_dropout, train_unet=train_unet,
                                  train_text_encoder=train_text_encoder, lora=lora)
-    return create_network(config.network_module or LORAKIT_MODULE, unet=unet, text_encoders=text_encoders, vae=vae,
-                          network_dim=config.network_dim, network_alpha=config.network_alpha,
-                          dropout=config.network_dropout, network_args=args, train_unet=train_unet,
-                          train_text_encoder=train_text_encoder, lora=lora)
+    module = config.network_module or LORAKIT_MODULE
+    network = create_network(module, unet=unet, text_encoders=text_encoders, vae=vae,
+                             network_dim=config.network_dim, network_alpha=config.network_alpha,
+                             dropout=config.network_dropout, network_args=args, train_unet=train_unet,
+                             train_text_encoder=train_text_encoder, lora=lora)
+    if module == LORAKIT_MODULE:
+        return network
+    return PluginNetwork(network, text_encoders, unet, train_text_encoder, train_unet)
 
 
 def network_args_dict(config: TrainConfig) -> dict[str, str] | None:

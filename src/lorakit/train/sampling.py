@@ -126,7 +126,8 @@ class SamplingResult:
 def generate_samples(family, components, unet, text_encoders: Sequence[torch.nn.Module],
                      prompts: Sequence[SamplePrompt], output_dir: str | Path, output_name: str | None, step: int,
                      epoch: int | None, *, v_parameterization: bool = False, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32, network: torch.nn.Module | None = None) -> SamplingResult:
+                     dtype: torch.dtype = torch.float32, network: torch.nn.Module | None = None,
+                     clip_skip: int | None = None) -> SamplingResult:
     """Generate one image per prompt through the `family`'s pipeline, and a contact sheet. `epoch` set: an
     epoch-end point (`e{epoch:06d}` names), else a step point. Pass the unwrapped U-Net (not a DDP or compiled
     wrapper), the live text encoders, and the LoRA `network`, if any, so that its dropouts are off while
@@ -146,7 +147,7 @@ def generate_samples(family, components, unet, text_encoders: Sequence[torch.nn.
             seed = prompt.seed if prompt.seed is not None else random.SystemRandom().randrange(2**32)
             image = family.sample(components, unet, text_encoders, prompt, seed,
                                   v_parameterization=v_parameterization, device=device, dtype=dtype,
-                                  scheduler=make_scheduler(prompt.sampler, v_parameterization))
+                                  scheduler=make_scheduler(prompt.sampler, v_parameterization), clip_skip=clip_skip)
             path = folder / f"{prefix}{tag}_{index:02d}_{stamp}_{seed}.png"
             with atomic_path(path) as temporary:
                 image.save(temporary, format="PNG", pnginfo=_png_parameters(prompt, seed))

@@ -604,7 +604,8 @@ class SampleImages:
                 result = generate_samples(
                     self.models.family, components, self.models.unet, encoders, self.prompts, self.output_dir,
                     self.config.output_name, step, epoch, v_parameterization=self.config.v_parameterization,
-                    device=device, dtype=self.models.weight_dtype, network=self.network)
+                    device=device, dtype=self.models.weight_dtype, network=self.network,
+                    clip_skip=self.config.clip_skip)
             finally:
                 for encoder in parked:
                     encoder.to("cpu")
