@@ -1,4 +1,4 @@
-"""Seconds per training step and peak memory of `lorakit train` with the reference's settings (tiny or full SDXL).
+"""Seconds per training step and peak memory of `lorakit train` with sd-scripts' settings (tiny or full SDXL).
 
     PYTHONPATH=src python bench/train_step.py [--size tiny|full] [--steps N] [--checkpoint PATH]
                                               [--runs adamw fused] [--resolution 256] [--threads N]
@@ -6,13 +6,13 @@
 
 Each run is the real `lorakit train` (`lorakit.train.cli.main`) in a fresh process, on one synthetic
 `resolution`² image repeated for N steps: batch 1, LoRA dim 8, U-Net only, `--mixed_precision bf16 --full_bf16
---gradient_checkpointing --cache_latents --cache_text_encoder_outputs`, and AdamW (`adamw`, the reference's
+--gradient_checkpointing --cache_latents --cache_text_encoder_outputs`, and AdamW (`adamw`, sd-scripts'
 5.9 s/step and 16.9 GB max RSS on this machine) or `--fused_backward_pass` with Adafactor (`fused`).
 
 Timing: a forward pre-hook on the U-Net stamps the start of each step, so a step is everything from one U-Net call
 to the next (forward, backward, optimizer, scheduler, data loading); the last step ends at its last optimizer
 step. s/step is the median of the steps after the first. Memory: VmHWM and ru_maxrss of the training process
-(loading and caching included, as the reference's figure), and the peaks of RSS and anonymous RSS sampled every
+(loading and caching included, as sd-scripts' figure), and the peaks of RSS and anonymous RSS sampled every
 20 ms, overall and during the steps. The 1-minute load average is printed before and after each run: figures
 taken while it is above ~1 are not the machine's own: when other processes hold the cores, torch's OpenMP threads
 wait for each other at every op (a tiny step took 10-50x longer with 2 threads than with 1 at load 8-13), so
@@ -41,7 +41,7 @@ from pathlib import Path
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 GB, GIB = 1e9, 2**30
 REFERENCE = {"seconds": 5.9, "max_rss": 16.9e9, "anon": 9.9e9}  # sd-scripts on this machine (issue 5)
-GOAL = {"seconds": 0.75, "max_rss": 0.45}  # fractions of the reference
+GOAL = {"seconds": 0.75, "max_rss": 0.45}  # fractions of sd-scripts' figures
 
 COMMON = ["--network_module", "networks.lora", "--network_dim", "8", "--network_train_unet_only",
           "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing", "--cache_latents",
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=sorted(RUNS))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--extra", default="", help="more `lorakit train` flags for every run, e.g. "
-                        "'--torch_compile' (the reference's figures are for the settings above)")
+                        "'--torch_compile' (sd-scripts' figures are for the settings above)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the training process (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the second step")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and a checkpoint this run made")

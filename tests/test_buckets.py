@@ -22,7 +22,8 @@ from lorakit.data.buckets import (
 )
 from lorakit.errors import LorakitError
 
-# Reference §3.5: resolution 1024, min 256, max 2048, steps 64 -> these 41 buckets.
+# sd-scripts' `make_bucket_resolutions` (library/model_util.py): resolution 1024, min 256, max 2048, steps 64 ->
+# these 41 buckets.
 REFERENCE_41 = [
     (256, 2048), (320, 2048), (384, 2048), (448, 2048), (512, 1856), (512, 1920), (512, 1984), (512, 2048),
     (576, 1664), (576, 1728), (576, 1792), (640, 1536), (640, 1600), (704, 1408), (704, 1472), (768, 1280),

@@ -4,9 +4,8 @@ import random
 
 import pytest
 
-from lorakit.data.captions import CaptionOptions, process_caption, randomising_option, split_tags, warmup_steps
-
-O = CaptionOptions
+from lorakit.data.captions import process_caption, randomising_option, split_tags, warmup_steps
+from lorakit.data.config import default_caption_options as O
 
 # Random draws under the seeds used below (Python's Mersenne Twister, the same generator sd-scripts' global
 # `random` is): Random(0).random() x6 = .844 .758 .421 .259 .511 .405; Random(1).random() = .134;

@@ -77,8 +77,8 @@ def test_caption_file_example_general_values_reach_every_subset(tmp_path):
           image_dir = 'C:\fuga'
           num_repeats = 5
         """)
-    assert [(s.num_repeats, s.shuffle_caption, s.caption_extension, s.keep_tokens) for s in dataset.subsets] == [
-        (10, True, ".txt", 1), (5, True, ".txt", 1)]
+    assert [(s.num_repeats, s.captions.shuffle_caption, s.caption_extension, s.captions.keep_tokens)
+            for s in dataset.subsets] == [(10, True, ".txt", 1), (5, True, ".txt", 1)]
     assert [s.class_tokens for s in dataset.subsets] == [None, None]
 
 
@@ -118,12 +118,13 @@ def test_multiple_datasets_example_resolution_order(tmp_path):
           image_dir = 'C:\piyo'
           metadata_file = 'C:\piyo\piyo_md.json'
         """, train_batch_size=8, resolution="1024")
-    assert [s.keep_tokens for s in first.subsets] == [2, 3, 1]
+    assert [s.captions.keep_tokens for s in first.subsets] == [2, 3, 1]
     assert first.kind == "dreambooth" and second.kind == "fine_tuning"
     assert (first.resolution, first.batch_size) == ((512, 512), 4)
     assert (second.resolution, second.batch_size) == ((768, 768), 2)
     (piyo,) = second.subsets
-    assert (piyo.keep_tokens, piyo.shuffle_caption, piyo.metadata_file) == (1, True, Path(r"C:\piyo\piyo_md.json"))
+    assert (piyo.captions.keep_tokens, piyo.captions.shuffle_caption) == (1, True)
+    assert piyo.metadata_file == Path(r"C:\piyo\piyo_md.json")
 
 
 def test_command_line_fills_what_the_file_leaves_unset(tmp_path):
@@ -152,9 +153,10 @@ def test_file_wins_over_command_line_and_defaults_apply(tmp_path):
         """, train_batch_size=8, dataset_repeats=5, resolution="512")
     (subset,) = dataset.subsets
     assert (dataset.batch_size, dataset.resolution, subset.num_repeats) == (2, (1024, 1024), 3)
-    assert (subset.caption_separator, subset.keep_tokens_separator, subset.token_warmup_min) == (",", "", 1)
-    assert (subset.caption_dropout_rate, subset.validation_split, subset.validation_seed) == (0.0, 0.0, 0)
-    assert dict(subset.custom_attributes) == {} and subset.secondary_separator is None
+    assert (subset.captions.caption_separator, subset.captions.keep_tokens_separator,
+            subset.captions.token_warmup_min) == (",", "", 1)
+    assert (subset.captions.caption_dropout_rate, subset.validation_split, subset.validation_seed) == (0.0, 0.0, 0)
+    assert dict(subset.custom_attributes) == {} and subset.captions.secondary_separator is None
 
 
 def test_masked_loss_subset_with_flag(tmp_path):
@@ -204,7 +206,7 @@ def test_ints_accepted_where_numbers_are_expected(tmp_path):
           image_dir = 'a'
         """)
     (subset,) = dataset.subsets
-    assert (subset.validation_split, dataset.network_multiplier, subset.token_warmup_step) == (0.0, 1.0, 2.0)
+    assert (subset.validation_split, dataset.network_multiplier, subset.captions.token_warmup_step) == (0.0, 1.0, 2.0)
 
 
 def test_network_multiplier_other_than_1_warns_that_it_has_no_effect(tmp_path, caplog):

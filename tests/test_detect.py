@@ -65,9 +65,3 @@ def test_require_sdxl_says_what_the_file_looks_like() -> None:
 def test_vae_prefix(shapes, prefix) -> None:
     assert detect.vae_prefix(shapes) == prefix
 
-
-def test_prefixes_agree_with_the_converters() -> None:
-    from lorakit.models import text_encoders, unet, vae
-
-    assert (detect.UNET_PREFIX, detect.TE1_PREFIX, detect.TE2_PREFIX, detect.VAE_PREFIX) == (
-        unet.SGM_PREFIX, text_encoders.TE1_PREFIX, text_encoders.TE2_PREFIX, vae.SGM_PREFIX)

@@ -1,5 +1,6 @@
-"""File discovery as sd-scripts does it (§3.4), regularisation balancing (§3.7), counts per epoch (§3.8) and the
-validation split (§3.9, without the reference's train/validation overlap)."""
+"""File discovery as sd-scripts does it (`DreamBoothDataset`, `FineTuningDataset`), regularisation
+balancing, counts per epoch (`BaseDataset.make_buckets`) and the
+validation split (`split_train_val`, without sd-scripts' train/validation overlap)."""
 
 from __future__ import annotations
 

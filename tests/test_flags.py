@@ -54,7 +54,7 @@ def test_table_is_the_dataclass_and_every_flag_is_documented_and_grouped():
     assert {flag.group for flag in iter_flags()} == set(GROUPS)
 
 
-# Defaults copied from the reference's table 2.3, as sd-scripts writes them (str() goes into metadata).
+# Defaults of sd-scripts' argparse (`train_network.py` `setup_parser`), as it writes them (str() goes into metadata).
 REFERENCE_DEFAULTS = {
     "mixed_precision": "no", "dynamo_backend": "inductor", "dataset_repeats": 1, "train_batch_size": 1,
     "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "caption_extension": ".caption",

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from lorakit import cli
 from lorakit.hashing import legacy_model_hash, sha256_file
 from lorakit.models import SDXLComponents, load_sdxl
-from lorakit.models.components import sdxl_networks
+from lorakit.models.components import sdxl_parts
 from lorakit.testing.random_models import (SGMPart, random_components, write_safetensors_stream,
                                            write_single_file)
 
@@ -124,7 +124,7 @@ def test_identity_names_the_file_and_hashes_it_only_when_asked(tiny_single_file:
 def _other_vae_state(seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     from lorakit.testing.random_models import random_network
 
-    network = next(n for n in sdxl_networks() if n.attribute == "vae")
+    network = next(n for n in sdxl_parts() if n.attribute == "vae")
     vae = random_network(network, network.config("tiny"), seed, torch.float32)
     return vae, network.to_sgm(vae.state_dict(), network.config_of(vae))
 

@@ -1,4 +1,4 @@
-"""Training logs: moving average, the reference's keys, TensorBoard event files, config sanitising, curve PNG."""
+"""Training logs: moving average, sd-scripts' keys, TensorBoard event files, config sanitising, curve PNG."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training logs from a real run of the tiny model: the TensorBoard event file has the reference's keys at the
+"""Training logs from a real run of the tiny model: the TensorBoard event file has sd-scripts' keys at the
 global steps, `loss/current` is each step's loss, `loss/average` the moving average of the micro-batch losses over
 an epoch's worth of batches, `lr/<group>` the scheduler's rate of each optimizer group; max-norm keys come with
 --scale_weight_norms; the loss/LR curve PNG is written even without --logging_dir. Sample images during training

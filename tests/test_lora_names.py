@@ -66,7 +66,7 @@ def test_conv_dim_adds_the_66_resnet_and_resampler_layers(full_models):
                                    network_args={"conv_dim": "4", "conv_alpha": "2"}))
     added = {key[: -len(".lora_down.weight")] for key in set(conv) - set(base) if key.endswith(".lora_down.weight")}
     assert len(added) == 66 and set(base) < set(conv)
-    # Reference §5.2 examples, with Linear / 1x1 at network_dim and 3x3 at conv_dim:
+    # Names of a real sd-scripts SDXL LoRA, with Linear / 1x1 at network_dim and 3x3 at conv_dim:
     assert conv["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"] == [4, 320, 3, 3]
     assert conv["lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight"] == [320, 4, 1, 1]
     assert conv["lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight"] == [8, 1280]

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from lorakit import cli
-from lorakit.models.components import SDXLComponents, sdxl_networks
+from lorakit.models.components import SDXLComponents, sdxl_parts
 from lorakit.testing.random_models import (SGMPart, random_components, random_sgm_parts, write_random_single_file,
                                            write_safetensors_stream, write_single_file)
 
@@ -59,7 +59,7 @@ def test_single_file_is_sgm_layout_and_reads_back_with_safetensors(tiny_componen
                 "conditioner.embedders.1.model.text_projection",
                 "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
                 "first_stage_model.decoder.up.0.block.0.conv1.weight"} <= keys
-        for network in sdxl_networks():
+        for network in sdxl_parts():
             module = getattr(tiny_components, network.attribute)
             expected = network.to_sgm(module.state_dict(), network.config_of(module))
             assert {k for k in keys if k.startswith(network.prefix)} == {network.prefix + k for k in expected}
@@ -93,7 +93,7 @@ def test_stream_refuses_a_part_that_differs_from_its_header(tmp_path: Path) -> N
 
 def test_full_size_header_has_sdxl_base_parameter_counts() -> None:
     counts = {}
-    for network, part in zip(sdxl_networks(), random_sgm_parts("full", seed=0, dtype=torch.float16)):
+    for network, part in zip(sdxl_parts(), random_sgm_parts("full", seed=0, dtype=torch.float16)):
         counts[network.attribute] = sum(t.numel() for t in part.header().values() if t.is_floating_point())
     assert counts["unet"] == 2_567_463_684
     assert round(counts["text_encoder1"] / 1e5) == 1231 and round(counts["text_encoder2"] / 1e5) == 6947

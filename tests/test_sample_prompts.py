@@ -1,4 +1,4 @@
-"""Sample-prompt files in the three formats of reference §8."""
+"""Sample-prompt files in the three formats sd-scripts reads (`library/train_util.py` `load_prompts`)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_txt_skips_blank_and_comment_lines_and_keeps_order() -> None:
 def test_default_sampler_and_size() -> None:
     (prompt,) = parse_sample_prompts("x", ".txt", default_sampler="k_euler")
     assert prompt.sampler == "k_euler"
-    # SDXL's own size, not the reference's 512.
+    # SDXL's own size, not sd-scripts' 512.
     assert (prompt.width, prompt.height, prompt.steps, prompt.scale, prompt.seed) == (1024, 1024, 30, 7.5, None)
     assert DEFAULT_SIZE == 1024
 
@@ -99,7 +99,7 @@ sample_sampler = "DDIM"
 def test_toml_defaults_and_subsets() -> None:
     first, second = parse_sample_prompts(TOML, ".toml")
     assert first == EVERY_OPTION
-    # A subset overrides the defaults (the reference raises a TypeError here).
+    # A subset overrides the defaults (sd-scripts raises a TypeError here).
     assert second == SamplePrompt("a dog", "blurry, low quality", 1024, 1216, 1000, 5.5, None, "ddim")
 
 

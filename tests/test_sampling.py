@@ -1,5 +1,5 @@
-"""Sample images during training (reference §8) on the tiny SDXL: samplers, triggers, file names, contact sheet,
-RNG isolation, train/eval modes and the live LoRA."""
+"""Sample images during training (sd-scripts' `sample_images_common`) on the tiny SDXL: samplers, triggers, file
+names, contact sheet, RNG isolation, train/eval modes and the live LoRA."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_sampler_aliases_and_options() -> None:
     assert make_scheduler("dpmsolver").config.algorithm_type == "dpmsolver"
     assert make_scheduler("dpmsolver++").config.algorithm_type == "dpmsolver++"
     assert type(make_scheduler("dpmsolver")) is DPMSolverMultistepScheduler
-    # SDXL's published config: no x0 clipping of latents (the reference forces it on).
+    # SDXL's published config: no x0 clipping of latents (sd-scripts forces it on).
     assert make_scheduler("ddim").config.clip_sample is False
     assert type(make_scheduler("ddim")) is DDIMScheduler
 
@@ -194,7 +194,7 @@ def test_lora_stays_applied_and_its_dropout_is_off(components, tmp_path) -> None
 
 
 def test_long_and_weighted_prompts_and_autocast(components, tmp_path) -> None:
-    """Prompts are encoded in up to three 75-token chunks, like the reference's long-prompt pipeline, and
+    """Prompts are encoded in up to three 75-token chunks, like sd-scripts' long-prompt pipeline, and
     A1111 weights change the conditioning."""
     words = ", ".join(f"word{i}" for i in range(40))  # about 120 tokens
     made = sample(components, [SamplePrompt(words + text, width=64, height=64, steps=2, seed=1)

@@ -212,3 +212,22 @@ def test_model_family_comes_from_the_entry_point_or_the_flag_and_v2_picks_sd2():
         parse_train_args(base + ["--text_encoder_lr2", "1e-5"], family="sd1")
     with pytest.raises(LorakitError, match="SD 1.x/2.x have one text encoder, so expected one rate"):
         parse_train_args(base + ["--text_encoder_lr", "1e-5", "2e-5"], family="sd1")
+
+
+def test_train_package_reaches_families_only_through_the_seam():
+    """Every module of lorakit.train imports the registry (`lorakit.families`) or the adapter's base class, never a
+    family's own module: a new family must not need the trainer edited."""
+    import ast
+    import pathlib
+
+    import lorakit.train
+
+    allowed = {"lorakit.families", "lorakit.families.base"}
+    found: set[str] = set()
+    for path in sorted(pathlib.Path(lorakit.train.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            found |= {f"{path.name}: {name}" for name in names
+                      if name.startswith("lorakit.families") and name not in allowed}
+    assert not found and len(list(pathlib.Path(lorakit.train.__file__).parent.glob("*.py"))) > 10

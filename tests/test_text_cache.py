@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from lorakit.data.captions import CaptionOptions
+from lorakit.data.config import default_caption_options
 from lorakit.data.text_cache import (
     TextItem,
     cache_text_encoder_outputs,
@@ -114,7 +114,7 @@ def test_weighted_captions_are_cached_weighted(models, tmp_path):
 
 
 def test_cached_caption_is_the_processed_one():
-    options = CaptionOptions(
+    options = default_caption_options(
         caption_prefix="sks", caption_suffix="photo", secondary_separator=";;", enable_wildcard=True
     )
     assert cached_caption("dog;;cat, {red}", options) == "sks dog,cat, red photo"
@@ -123,11 +123,11 @@ def test_cached_caption_is_the_processed_one():
 @pytest.mark.parametrize(
     "options, option",
     [
-        (CaptionOptions(shuffle_caption=True), "shuffle_caption"),
-        (CaptionOptions(caption_dropout_rate=0.1), "caption_dropout_rate"),
-        (CaptionOptions(caption_dropout_every_n_epochs=2), "caption_dropout_every_n_epochs"),
-        (CaptionOptions(caption_tag_dropout_rate=0.1), "caption_tag_dropout_rate"),
-        (CaptionOptions(token_warmup_step=10), "token_warmup_step"),
+        (default_caption_options(shuffle_caption=True), "shuffle_caption"),
+        (default_caption_options(caption_dropout_rate=0.1), "caption_dropout_rate"),
+        (default_caption_options(caption_dropout_every_n_epochs=2), "caption_dropout_every_n_epochs"),
+        (default_caption_options(caption_tag_dropout_rate=0.1), "caption_tag_dropout_rate"),
+        (default_caption_options(token_warmup_step=10), "token_warmup_step"),
     ],
 )
 def test_randomising_options_are_refused(options, option):
@@ -136,7 +136,7 @@ def test_randomising_options_are_refused(options, option):
 
 
 def test_wildcards_with_several_choices_are_refused_naming_the_image():
-    options = CaptionOptions(enable_wildcard=True)
+    options = default_caption_options(enable_wildcard=True)
     check_text_caching_allowed("datasets[0].subsets[0]", options, {Path("a.png"): "a {red} car"})
     with pytest.raises(LorakitError, match=r"enable_wildcard with several choices \(b.png\)"):
         check_text_caching_allowed(

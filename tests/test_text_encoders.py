@@ -9,9 +9,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, con
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.errors import LorakitError
+from lorakit.models.prefixes import TE1_PREFIX, TE2_PREFIX
 from lorakit.models.text_encoders import (
-    TE1_PREFIX,
-    TE2_PREFIX,
     te1_config,
     te1_config_from_sgm,
     te1_to_diffusers,

@@ -468,8 +468,9 @@ def test_save_cadence_and_rotation_of_files_and_states_in_a_run(tiny_single_file
         "--save_last_n_epochs", "2", "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--save_state",
         "--save_last_n_epochs_state", "1", "--save_last_n_steps_state", "2", "--network_train_unet_only",
         "--cache_latents", "--cache_text_encoder_outputs")
-    # Reference §6.1: after saving epoch e, epoch e - every * M goes; after step s, step s - N - 1 goes (states by
-    # their own counts); the last epoch/step writes the final file and state only.
+    # sd-scripts' rotation (`get_remove_epoch_no`, `remove_model`): after saving epoch e, epoch e - every * M goes;
+    # after step s, step s - N - 1 goes (states by their own counts); the last epoch/step writes the final file and
+    # state only.
     files = sorted(p.name for p in tmp_path.glob("lora*.safetensors"))
     assert files == ["lora-000002.safetensors", "lora-000003.safetensors", "lora-step00000002.safetensors",
                      "lora-step00000003.safetensors", "lora.safetensors"]

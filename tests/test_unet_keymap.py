@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from lorakit.errors import LorakitError
+from lorakit.models.prefixes import UNET_PREFIX
 from lorakit.models.unet import (
-    SGM_PREFIX,
     unet_config,
     unet_config_from_sgm,
     unet_module_paths,
@@ -73,7 +73,7 @@ def test_diffusers_single_file_converter_reads_our_sgm_layout(name):
     config = CONFIGS[name]()
     state = _random_state(config)
     sgm = unet_to_sgm(state, config)
-    checkpoint = {SGM_PREFIX + k: v for k, v in sgm.items()}
+    checkpoint = {UNET_PREFIX + k: v for k, v in sgm.items()}
     reference = convert_ldm_unet_checkpoint(checkpoint, config)
     _assert_bit_equal(reference, state)
     _assert_bit_equal(unet_to_diffusers(sgm, config), reference)

@@ -8,9 +8,9 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from lorakit.errors import LorakitError
+from lorakit.models.prefixes import VAE_PREFIX
 from lorakit.models.vae import (
     LATENT_SCALE,
-    SGM_PREFIX,
     vae_config,
     vae_config_from_sgm,
     vae_module_paths,
@@ -66,7 +66,7 @@ def test_diffusers_single_file_converter_reads_our_ldm_layout(name):
     config = CONFIGS[name]()
     state = _random_state(config)
     sgm = vae_to_sgm(state, config)
-    reference = convert_ldm_vae_checkpoint({SGM_PREFIX + k: v for k, v in sgm.items()}, config)
+    reference = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in sgm.items()}, config)
     _assert_bit_equal(reference, state)
     _assert_bit_equal(vae_to_diffusers(sgm, config), reference)
 

@@ -1,5 +1,6 @@
-"""Validation loss (reference §4.4): fixed timesteps, its own seeded generator, global RNG put back, network mode
-restored; in a real run of the tiny model it is deterministic across runs and leaves training bit-identical."""
+"""Validation loss (sd-scripts' `train_network.py` validation block): fixed timesteps, its own seeded generator,
+global RNG put back, network mode restored; in a real run of the tiny model it is deterministic across runs and
+leaves training bit-identical."""
 
 from __future__ import annotations
 

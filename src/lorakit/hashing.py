@@ -1,4 +1,5 @@
-"""The hashes sd-scripts writes into LoRA metadata (reference §6.4), so UIs recognise our files."""
+"""The hashes sd-scripts writes into LoRA metadata (`library/train_util.py`: `model_hash`,
+`calculate_sha256`, `precalculate_safetensors_hashes`), so UIs recognise our files."""
 
 from __future__ import annotations
 

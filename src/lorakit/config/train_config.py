@@ -1,5 +1,6 @@
-"""TrainConfig: the flag table. Every field is one `--flag` of sd-scripts' `sdxl_train_network.py` (reference
-§2.3, all 196) or a lorakit addition, with its type, default, help, `--help` group and status.
+"""TrainConfig: the flag table. Every field is one `--flag` of sd-scripts' `sdxl_train_network.py` (all 196 of
+`train_network.py`'s `setup_parser` and `library/train_util.py`'s `add_*_arguments`) or a lorakit addition, with
+its type, default, help, `--help` group and status.
 
 Readers get typed values after `parse_train_args` has normalised them: `resolution` is `(width, height)`,
 `lr_warmup_steps` an int or a ratio, list flags are tuples, `text_encoder_lr1/2` are resolved from
@@ -14,6 +15,8 @@ from typing import Iterator
 
 from lorakit.config.flags import (MAX_SIDE, Bounds, Flag, Group, flags_of, float_range, number, pair_text, resolution,
                                   steps_or_ratio)
+from lorakit.data.buckets import INTERPOLATIONS  # one list for the CLI and the TOML (sd-scripts' CLI lacks `box`)
+from lorakit.families import FAMILIES
 
 MODEL = Group("model & precision", "base model, VAE, dtypes, attention, memory")
 DATASET = Group("dataset", "command-line datasets; also the defaults under --dataset_config")
@@ -30,7 +33,6 @@ DISTRIBUTED = Group("distributed", "multi-process training through accelerate")
 CONFIG = Group("config", "arguments from a TOML file")
 
 NO_HUB = "lorakit has no Hugging Face Hub access"
-FAMILY_NAMES = ("sdxl", "sd1", "sd2")
 NO_V2_IN_SDXL = "SDXL has no v2: train_network.py (--model_family sd1/sd2) trains SD 2.x"
 _ONE_TEXT_ENCODER = "SD 1.x/2.x have one text encoder: use --text_encoder_lr"
 ONE_TEXT_ENCODER = {"sd1": _ONE_TEXT_ENCODER, "sd2": _ONE_TEXT_ENCODER}
@@ -50,7 +52,6 @@ FRACTION = Bounds(0, 1, high_open=True, name="a fraction from 0 to below 1")
 SIDE = Bounds(1, MAX_SIDE, name=f"a side from 1 to {MAX_SIDE} pixels")
 SEED = Bounds(0, 2**32 - 1, name=f"a seed from 0 to {2**32 - 1}")  # what numpy's and accelerate's set_seed accept
 TIMESTEP = Bounds(0, 1000, name="a timestep from 0 to 1000")
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class TrainConfig:
     vae: str | None = MODEL.flag(None, str, "replacement VAE: single file or diffusers folder", metavar="PATH")
     model_family: str | None = MODEL.flag(
         None, str, "the base model's family: sdxl (sdxl_train_network.py's), sd1 or sd2 (train_network.py's; "
-        "--v2 picks sd2)", choices=FAMILY_NAMES, kohya=False)
+        "--v2 picks sd2)", choices=tuple(FAMILIES), kohya=False)
     v2: bool = MODEL.switch("Stable Diffusion 2.x model (train_network.py)", refused=NO_V2_IN_SDXL,
                             families={"sd1": None, "sd2": None})
     v_parameterization: bool = MODEL.switch("v-prediction target (for SDXL v-pred models)")

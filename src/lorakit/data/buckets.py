@@ -1,4 +1,5 @@
-"""Aspect-ratio bucketing, as sd-scripts does it (reference §3.5): the bucket list, the bucket of each
+"""Aspect-ratio bucketing, as sd-scripts does it (`library/train_util.py`
+`BucketManager`, `library/model_util.py` `make_bucket_resolutions`): the bucket list, the bucket of each
 image, its resized size, the crop, the interpolation, and the per-epoch batches. Pure functions.
 
 Sizes are (width, height) tuples, as in sd-scripts and PIL.
@@ -192,5 +193,6 @@ def make_batches(bucket_members: Mapping[Hashable, Sequence[T]], batch_size: int
 
 
 def batches_per_epoch(bucket_counts: Mapping[Hashable, int], batch_size: int) -> int:
-    """Number of batches in an epoch (reference §3.8): the sum over buckets of ceil(count / batch_size)."""
+    """Number of batches in an epoch (sd-scripts' `BaseDataset.make_buckets`): the sum over buckets of
+    ceil(count / batch_size)."""
     return sum(math.ceil(count / batch_size) for count in bucket_counts.values())

@@ -1,5 +1,6 @@
-"""Caption processing, in sd-scripts' order (reference §3.6), as pure functions of the caption, the subset's
-caption options, a seeded `random.Random` and the training position (epoch, step).
+"""Caption processing, in sd-scripts' order (`library/train_util.py`, `BaseDataset.process_caption`), as pure
+functions of the caption, the subset's caption options, a seeded `random.Random` and the training position (epoch,
+step).
 
 Every random draw comes from the `rng` argument in the same order as sd-scripts draws from its global
 `random`, so with the same seed both pick the same dropouts, lines, wildcard choices and shuffles.
@@ -17,21 +18,21 @@ WILDCARD = re.compile(r"\{([^}]+)\}")
 
 @dataclass(frozen=True)
 class CaptionOptions:
-    """A subset's caption settings; field names are the dataset TOML keys."""
+    """A subset's caption settings; field names are the dataset TOML keys (defaults: `data.config.DEFAULTS`)."""
 
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    enable_wildcard: bool = False
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-    secondary_separator: str | None = None
+    caption_prefix: str | None
+    caption_suffix: str | None
+    caption_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+    enable_wildcard: bool
+    shuffle_caption: bool
+    caption_separator: str
+    keep_tokens: int
+    keep_tokens_separator: str
+    caption_tag_dropout_rate: float
+    token_warmup_min: int
+    token_warmup_step: float
+    secondary_separator: str | None
 
 
 def warmup_steps(token_warmup_step: float, max_train_steps: int) -> int:

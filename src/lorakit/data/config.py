@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union, get_args, get_origin
@@ -25,7 +25,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, Str
                       ValidationError)
 
 from lorakit.config.flags import MAX_SIDE
+from lorakit.config.train_config import TrainConfig
 from lorakit.data.buckets import INTERPOLATIONS
+from lorakit.data.captions import CaptionOptions
 from lorakit.errors import LorakitError
 from lorakit.fileio import kind_of, parse_json, parse_toml, read_text
 
@@ -144,18 +146,6 @@ class CommandLineValues(DatasetCommonTable):
     alpha_mask: StrictBool | None = None
 
 
-# Effective defaults: sd-scripts' argparse defaults, which win over its dataclass defaults (§3.2).
-DEFAULTS: dict[str, Any] = {
-    "num_repeats": 1, "shuffle_caption": False, "caption_separator": ",", "keep_tokens": 0,
-    "keep_tokens_separator": "", "secondary_separator": None, "enable_wildcard": False, "caption_prefix": None,
-    "caption_suffix": None, "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0, "token_warmup_min": 1, "token_warmup_step": 0.0, "color_aug": False,
-    "flip_aug": False, "random_crop": False, "face_crop_aug_range": None, "custom_attributes": {},
-    "resize_interpolation": None, "caption_extension": ".caption", "class_tokens": None, "cache_info": False,
-    "is_reg": False, "alpha_mask": False, "validation_split": 0.0, "validation_seed": None,
-    "resolution": None, "batch_size": 1, "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-    "bucket_reso_steps": 64, "bucket_no_upscale": False, "network_multiplier": 1.0,
-}
 # Config key -> command-line flag where the names differ.
 FLAG_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 # Options that only exist on the command line: written in a dataset config they get a pointed message.
@@ -172,6 +162,22 @@ GENERAL_KEYS = tuple(DatasetCommonTable.model_fields)
 SUBSET_ONLY_KEYS = tuple(key for key in SUBSET_KEYS if key not in DATASET_KEYS)
 DATASET_ONLY_KEYS = tuple(key for key in GENERAL_KEYS if key not in SUBSET_KEYS)
 
+# Effective defaults: sd-scripts' argparse defaults, which win over its dataclass defaults
+# (`library/config_util.py`, `BlueprintGenerator.generate`), so they come from the flag table; the keys without a
+# flag keep the dataclass defaults.
+_NO_FLAG_DEFAULTS: dict[str, Any] = {"custom_attributes": {}, "class_tokens": None, "is_reg": False,
+                                     "network_multiplier": 1.0}
+DEFAULTS: dict[str, Any] = {
+    key: _NO_FLAG_DEFAULTS[key] if key in _NO_FLAG_DEFAULTS else getattr(TrainConfig(), FLAG_NAMES.get(key, key))
+    for key in (*GENERAL_KEYS, "alpha_mask", "is_reg")
+}
+CAPTION_KEYS = tuple(field.name for field in fields(CaptionOptions))
+
+
+def default_caption_options(**changes: Any) -> CaptionOptions:
+    """The caption options of a subset that sets none, with `changes` applied."""
+    return CaptionOptions(**{key: DEFAULTS[key] for key in CAPTION_KEYS} | changes)
+
 
 @dataclass(frozen=True)
 class SubsetSettings:
@@ -187,25 +193,13 @@ class SubsetSettings:
     num_repeats: int
     validation_split: float  # 0 for regularisation subsets: they are never split
     validation_seed: int  # validation_seed, else the run's --seed, else 0: the split is always reproducible
-    shuffle_caption: bool
-    caption_separator: str
-    keep_tokens: int
-    keep_tokens_separator: str
-    secondary_separator: str | None
-    enable_wildcard: bool
-    caption_prefix: str | None
-    caption_suffix: str | None
-    caption_dropout_rate: float
-    caption_dropout_every_n_epochs: int
-    caption_tag_dropout_rate: float
-    token_warmup_min: int
-    token_warmup_step: float
+    captions: CaptionOptions
     color_aug: bool
     flip_aug: bool
     random_crop: bool
     face_crop_aug_range: tuple[float, float] | None
     custom_attributes: Mapping[str, Any]
-    resize_interpolation: str | None  # None: area when shrinking, lanczos otherwise (§3.5)
+    resize_interpolation: str | None  # None: area when shrinking, lanczos otherwise (`library/utils.py` `resize_image`)
     caption_extension: str
     class_tokens: str | None
     cache_info: bool
@@ -340,7 +334,7 @@ def _resolve_dataset(
     elif enable_bucket:
         logger.warning("%s: bucket_no_upscale: min_bucket_reso and max_bucket_reso are not used", where)
     if value("network_multiplier") != 1:
-        # sd-scripts accepts it too and never applies it (reference §3.2); say so instead of training silently at 1.
+        # sd-scripts accepts it too and never applies it; say so instead of training silently at 1.
         logger.warning("%s: network_multiplier = %g has no effect: the LoRA trains at multiplier 1 (as in sd-scripts)",
                        where, value("network_multiplier"))
 
@@ -390,40 +384,24 @@ def _resolve_subset(
     if extension and not extension.startswith("."):
         extension = "." + extension
     validation_seed = value("validation_seed", subset)
-    return SubsetSettings(
+    special = dict(
         table=table,
         kind=kind,
         image_dir=_path(subset.image_dir),
         metadata_file=_path(subset.metadata_file),
         conditioning_data_dir=_path(subset.conditioning_data_dir),
         is_reg=bool(subset.is_reg),
-        alpha_mask=value("alpha_mask", subset),
-        num_repeats=value("num_repeats", subset),
         validation_split=0.0 if subset.is_reg else float(value("validation_split", subset)),
         validation_seed=validation_seed if validation_seed is not None else (seed if seed is not None else 0),
-        shuffle_caption=value("shuffle_caption", subset),
-        caption_separator=value("caption_separator", subset),
-        keep_tokens=value("keep_tokens", subset),
-        keep_tokens_separator=value("keep_tokens_separator", subset),
-        secondary_separator=value("secondary_separator", subset),
-        enable_wildcard=value("enable_wildcard", subset),
-        caption_prefix=value("caption_prefix", subset),
-        caption_suffix=value("caption_suffix", subset),
-        caption_dropout_rate=float(value("caption_dropout_rate", subset)),
-        caption_dropout_every_n_epochs=value("caption_dropout_every_n_epochs", subset),
-        caption_tag_dropout_rate=float(value("caption_tag_dropout_rate", subset)),
-        token_warmup_min=value("token_warmup_min", subset),
-        token_warmup_step=float(value("token_warmup_step", subset)),
-        color_aug=value("color_aug", subset),
-        flip_aug=value("flip_aug", subset),
+        captions=CaptionOptions(**{key: value(key, subset) for key in CAPTION_KEYS}),
         random_crop=random_crop,
         face_crop_aug_range=crop_range,
         custom_attributes=MappingProxyType(dict(value("custom_attributes", subset))),
-        resize_interpolation=value("resize_interpolation", subset),
         caption_extension=extension,
-        class_tokens=value("class_tokens", subset),
-        cache_info=value("cache_info", subset),
     )
+    # Every other field is its key's resolved value, by name.
+    return SubsetSettings(**special, **{field.name: value(field.name, subset) for field in fields(SubsetSettings)
+                                        if field.name not in special})
 
 
 _KIND_NAMES = {"dreambooth": "DreamBooth", "fine_tuning": "fine-tuning", "mask": "masked-loss"}

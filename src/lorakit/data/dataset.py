@@ -151,8 +151,7 @@ def item_rng(seed: int, epoch: int, batch_index: int, position: int) -> random.R
 
 
 def caption_options(record: ImageRecord) -> CaptionOptions:
-    subset = record.subset
-    return CaptionOptions(**{name: getattr(subset, name) for name in CaptionOptions.__dataclass_fields__})
+    return record.subset.captions
 
 
 def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:

@@ -1,4 +1,5 @@
-"""Finding a dataset's images and captions on disk, as sd-scripts does (§3.4), and turning them into records.
+"""Finding a dataset's images and captions on disk, as sd-scripts does (`library/train_util.py`,
+`DreamBoothDataset` and `FineTuningDataset`), and turning them into records.
 
 Three kinds of subset: DreamBooth (`image_dir` + caption files + `class_tokens`), fine-tuning (`metadata_file`,
 JSON or JSONL) and masked-loss (`image_dir` + same-stem masks in `conditioning_data_dir`). Without a dataset
@@ -8,7 +9,7 @@ regularisation images, and `--in_json` makes a fine-tuning dataset.
 Then: every image header is read before anything else (`images.preflight`), non-regularisation subsets are
 split for validation (one seeded shuffle per subset, so training and validation never overlap; fine-tuning
 subsets too, where sd-scripts validates on a copy of the training set), and
-regularisation repeats are balanced against the training samples exactly as sd-scripts does (§3.7).
+regularisation repeats are balanced against the training samples exactly as sd-scripts' `DreamBoothDataset` does.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def _dreambooth_subset(subset: SubsetSettings, where: str) -> list[FoundImage]:
         caption_file = caption_path(image, subset.caption_extension)
         caption = _fresh_cached_caption(cached, image, caption_file)
         if caption is None and caption_file is not None:
-            caption = read_caption_file(caption_file, subset.enable_wildcard)
+            caption = read_caption_file(caption_file, subset.captions.enable_wildcard)
         if caption is None:
             missing.append(image)
             caption = subset.class_tokens or ""
@@ -341,8 +342,9 @@ def _fine_tuning_subset(subset: SubsetSettings, where: str) -> list[FoundImage]:
             missing.append(key)
             continue
         size = entry.get("image_size")
-        items.append(FoundImage(image, metadata_caption(entry, subset.caption_separator, subset.enable_wildcard),
-                            metadata_size=tuple(size) if isinstance(size, list) and len(size) == 2 else None))
+        caption = metadata_caption(entry, subset.captions.caption_separator, subset.captions.enable_wildcard)
+        items.append(FoundImage(image, caption,
+                                metadata_size=tuple(size) if isinstance(size, list) and len(size) == 2 else None))
     if missing:
         folder = f" (image_dir '{subset.image_dir}')" if subset.image_dir else " (no image_dir set)"
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
@@ -435,8 +437,9 @@ def split_validation(
 
 
 def balance_regularisation(train_samples: int, reg: Sequence[ImageRecord]) -> list[ImageRecord]:
-    """sd-scripts' balancing (§3.7): register reg images in order with their repeats until they reach the number
-    of training samples; if they run out first, add one repeat per image in turn. Unused reg images are dropped."""
+    """sd-scripts' balancing (`DreamBoothDataset.__init__`): register reg images in order with their repeats until
+    they reach the number of training samples; if they run out first, add one repeat per image in turn. Unused reg
+    images are dropped."""
     if not reg:
         return []
     available = sum(record.num_repeats for record in reg)

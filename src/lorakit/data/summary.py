@@ -1,5 +1,5 @@
 """The dataset summary a dry run prints: per dataset and subset the resolved settings, image counts, the bucket
-table and the batches per epoch (counted as sd-scripts does, §3.8)."""
+table and the batches per epoch (counted as sd-scripts' `BaseDataset.make_buckets` does)."""
 
 from __future__ import annotations
 
@@ -72,15 +72,25 @@ def _subset_line(subset: SubsetSettings, dataset: DatasetRecords) -> str:
         if subset.validation_split:
             counts += f", {validation} validation (split {subset.validation_split:g}, seed {subset.validation_seed})"
     settings = []
-    for field in fields(subset):
-        name = field.name
+    for name, value in _by_key(subset).items():
         if name in _IDENTITY or name in ("validation_split", "validation_seed"):
             continue
-        value = getattr(subset, name)
         if name in _ALWAYS or value != DEFAULTS.get(name):
             settings.append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={_plain(value)}")
     mask = f", masks '{subset.conditioning_data_dir}'" if subset.conditioning_data_dir else ""
     return f"{subset.table} '{where}'{mask}: {counts}; " + ", ".join(settings)
+
+
+def _by_key(subset: SubsetSettings) -> dict[str, object]:
+    """The subset's resolved values by dataset key, its caption options in their place."""
+    values: dict[str, object] = {}
+    for field in fields(subset):
+        value = getattr(subset, field.name)
+        if field.name == "captions":
+            values |= {option.name: getattr(value, option.name) for option in fields(value)}
+        else:
+            values[field.name] = value
+    return values
 
 
 def _plain(value: object) -> str:

@@ -1,4 +1,5 @@
-"""`--weighted_captions`: AUTOMATIC1111 prompt-weight syntax (reference §4.3).
+"""`--weighted_captions`: AUTOMATIC1111 prompt-weight syntax (sd-scripts'
+`library/custom_train_functions.py`, `parse_prompt_attention`).
 
 `(x)` multiplies the weight of x by 1.1, `[x]` divides it by 1.1, `(x:1.5)` sets a factor, brackets nest and
 multiply, `\\(` `\\)` `\\[` `\\]` `\\\\` are literal characters (a lone backslash is

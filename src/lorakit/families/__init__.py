@@ -1,13 +1,16 @@
 """Model families (docs/model-families.md): `family_named("sdxl")` gives the adapter the trainer talks to.
 
-Each family is one module (`lorakit.families.sdxl`, `lorakit.families.sd1`), imported only when asked for.
+Each family is one module (`lorakit.families.sdxl`, `lorakit.families.sd1`), imported only when asked for; this
+registry imports nothing heavy, so the flag table can take its names from it.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from lorakit.families.base import ModelFamily, TextOutputs
+if TYPE_CHECKING:
+    from lorakit.families.base import ModelFamily
 
 # --model_family name -> (module, class, arguments)
 FAMILIES = {
@@ -22,4 +25,4 @@ def family_named(name: str) -> ModelFamily:
     return getattr(importlib.import_module(module), cls)(**arguments)
 
 
-__all__ = ["FAMILIES", "ModelFamily", "TextOutputs", "family_named"]
+__all__ = ["FAMILIES", "family_named"]

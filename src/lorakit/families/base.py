@@ -77,7 +77,7 @@ class ModelFamily(ABC):
 
 
 CHUNK_TOKENS = 75
-MAX_CHUNKS = 3  # the reference's max_embeddings_multiples: prompts of up to 225 tokens
+MAX_CHUNKS = 3  # sd-scripts' max_embeddings_multiples: prompts of up to 225 tokens
 
 
 def token_budget(tokenizer, texts: Sequence[str]) -> int:

@@ -28,12 +28,12 @@ from lorakit.models import text_encoders, unet, vae
 from lorakit.models.components import Components, ModelIdentity, ModelPart
 from lorakit.models.detect import checkpoint_kind
 from lorakit.models.loading import ModelLayout
+from lorakit.models.prefixes import SD1_TE_PREFIX, SD2_TE_PREFIX, UNET_PREFIX, VAE_PREFIX
 from lorakit.models.text_encoding import encode_single
 from lorakit.models.tokenizers import cached_tokenizers, load_tokenizers
 from lorakit.network.targets import LoRALayout, Target, text_encoder_targets, unet_targets
 
 LATENT_SCALE = 0.18215  # SD 1.x/2.x's VAE scaling factor
-SD1_TE_PREFIX = "cond_stage_model.transformer."
 SD1_HEADS = 8  # SD 1.x's attention has 8 heads at every level; SD 2.x's heads are 64 wide
 
 
@@ -79,7 +79,7 @@ def sd_parts(v2: bool) -> tuple[ModelPart, ...]:
         return vae.vae_config_from_sgm(shapes) | {"scaling_factor": LATENT_SCALE, "sample_size": 768 if v2 else 512}
 
     if v2:
-        text_encoder = ModelPart("text_encoder", "text_encoder", text_encoders.SD2_TE_PREFIX, CLIPTextModel,
+        text_encoder = ModelPart("text_encoder", "text_encoder", SD2_TE_PREFIX, CLIPTextModel,
                                  text_encoders.sd2_te_config, text_encoders.sd2_te_config_from_sgm,
                                  text_encoders.sd2_te_to_diffusers, text_encoders.sd2_te_to_sgm)
     else:
@@ -87,11 +87,11 @@ def sd_parts(v2: bool) -> tuple[ModelPart, ...]:
                                  text_encoders.te1_config, text_encoders.te1_config_from_sgm,
                                  text_encoders.te1_to_diffusers, text_encoders.te1_to_sgm)
     return (
-        ModelPart("unet", "unet", unet.SGM_PREFIX, UNet2DConditionModel, unet_config,
+        ModelPart("unet", "unet", UNET_PREFIX, UNet2DConditionModel, unet_config,
                   functools.partial(unet.sd_unet_config_from_ldm, heads=heads), unet.unet_to_diffusers,
                   unet.unet_to_sgm),
         text_encoder,
-        ModelPart("vae", "vae", vae.SGM_PREFIX, AutoencoderKL, vae_config, vae_config_from_sgm,
+        ModelPart("vae", "vae", VAE_PREFIX, AutoencoderKL, vae_config, vae_config_from_sgm,
                   vae.vae_to_diffusers, vae.vae_to_sgm),
     )
 

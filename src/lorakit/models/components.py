@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """Name and file hashes of a model, as LoRA metadata records them (reference §6.3, §6.4).
+    """Name and file hashes of a model, as LoRA metadata records them (`ss_sd_model_name`, `ss_sd_model_hash`,
+`ss_new_sd_model_hash`).
 
     `name` is the basename of a local path or the hub id. The hashes are computed on first use and cached:
     hashing a 7 GB checkpoint takes a while, and loading must not wait for it.
@@ -102,7 +103,7 @@ class SDXLComponents(Components):
                 "vae": self.vae}
 
     def parts(self) -> tuple[ModelPart, ...]:
-        return sdxl_networks()
+        return sdxl_parts()
 
 
 @dataclass(frozen=True)
@@ -137,22 +138,23 @@ class ModelPart:
 
 
 @functools.cache
-def sdxl_networks() -> tuple[ModelPart, ...]:
+def sdxl_parts() -> tuple[ModelPart, ...]:
     """The U-Net, TE1, TE2 and VAE in the order of an SGM checkpoint (imported lazily: diffusers is heavy)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from lorakit.models import text_encoders, unet, vae
+    from lorakit.models.prefixes import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 
     return (
-        ModelPart("unet", "unet", unet.SGM_PREFIX, UNet2DConditionModel, unet.unet_config, unet.unet_config_from_sgm,
+        ModelPart("unet", "unet", UNET_PREFIX, UNet2DConditionModel, unet.unet_config, unet.unet_config_from_sgm,
                 unet.unet_to_diffusers, unet.unet_to_sgm),
-        ModelPart("text_encoder1", "text_encoder", text_encoders.TE1_PREFIX, CLIPTextModel, text_encoders.te1_config,
+        ModelPart("text_encoder1", "text_encoder", TE1_PREFIX, CLIPTextModel, text_encoders.te1_config,
                 text_encoders.te1_config_from_sgm, text_encoders.te1_to_diffusers, text_encoders.te1_to_sgm),
-        ModelPart("text_encoder2", "text_encoder_2", text_encoders.TE2_PREFIX, CLIPTextModelWithProjection,
+        ModelPart("text_encoder2", "text_encoder_2", TE2_PREFIX, CLIPTextModelWithProjection,
                 text_encoders.te2_config, text_encoders.te2_config_from_sgm, text_encoders.te2_to_diffusers,
                 text_encoders.te2_to_sgm),
-        ModelPart("vae", "vae", vae.SGM_PREFIX, AutoencoderKL, vae.vae_config, vae.vae_config_from_sgm,
+        ModelPart("vae", "vae", VAE_PREFIX, AutoencoderKL, vae.vae_config, vae.vae_config_from_sgm,
                 vae.vae_to_diffusers, vae.vae_to_sgm),
     )
 

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from lorakit.errors import LorakitError
+from lorakit.models.prefixes import (REFINER_TE_PREFIX, SD1_TE_PREFIX, SD2_TE_PREFIX, TE1_PREFIX, TE2_PREFIX,
+                                     UNET_PREFIX, VAE_PREFIX)
 
-UNET_PREFIX = "model.diffusion_model."
-TE1_PREFIX = "conditioner.embedders.0.transformer."
-TE2_PREFIX = "conditioner.embedders.1.model."
-VAE_PREFIX = "first_stage_model."
 VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 _LORA_KEY = re.compile(r"(^|\.)lora_(unet|te\d?)_|\.lora_(down|up|A|B)\.|\.hada_w1_a$|\.lokr_w1$")
@@ -46,14 +44,14 @@ def checkpoint_kind(shapes: Shapes) -> CheckpointKind:
             return CheckpointKind(name, f"key {key}")
     if key := _first(keys, _LORA_KEY.search):
         return CheckpointKind("a LoRA file", f"key {key}")
-    for prefix, name in (("cond_stage_model.transformer.", "SD 1.x"), ("cond_stage_model.model.", "SD 2.x")):
+    for prefix, name in ((SD1_TE_PREFIX, "SD 1.x"), (SD2_TE_PREFIX, "SD 2.x")):
         if _first(keys, lambda k, p=prefix: k.startswith(p)):
             return CheckpointKind(name, f"{prefix}* keys, U-Net cross-attention width {_cross_width(shapes)}")
     has = {prefix: _first(keys, lambda k, p=prefix: k.startswith(p)) is not None
            for prefix in (UNET_PREFIX, TE1_PREFIX, TE2_PREFIX, VAE_PREFIX)}
     if has[UNET_PREFIX] and has[TE1_PREFIX] and has[TE2_PREFIX]:
         return CheckpointKind("SDXL", f"{UNET_PREFIX}*, {TE1_PREFIX}* and {TE2_PREFIX}* keys")
-    if _first(keys, lambda k: k.startswith("conditioner.embedders.0.model.")) and not has[TE1_PREFIX]:
+    if _first(keys, lambda k: k.startswith(REFINER_TE_PREFIX)) and not has[TE1_PREFIX]:
         return CheckpointKind("the SDXL refiner", "its only text encoder, conditioner.embedders.0, is OpenCLIP; "
                                                   f"U-Net cross-attention width {_cross_width(shapes)}")
     if vae_prefix(shapes) is not None:

@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from lorakit.errors import LorakitError
 from lorakit.fileio import parse_json, read_text
 from lorakit.models.components import (Components, ModelIdentity, ModelPart, SDXLComponents, cast_model,
-                                       sdxl_networks)
+                                       sdxl_parts)
 from lorakit.models.detect import VAE_PREFIX, checkpoint_kind, require_sdxl, vae_prefix
 from lorakit.models.tokenizers import cached_tokenizers, load_tokenizers
 
@@ -60,7 +60,7 @@ def _sdxl_folder(index: dict, folder: str) -> None:
                            f"{index.get('_class_name', '?')} without text_encoder_2")
 
 
-SDXL_LAYOUT = ModelLayout("SDXL", sdxl_networks, _sdxl_components, _sdxl_tokenizers, require_sdxl, _sdxl_folder,
+SDXL_LAYOUT = ModelLayout("SDXL", sdxl_parts, _sdxl_components, _sdxl_tokenizers, require_sdxl, _sdxl_folder,
                           "stabilityai/stable-diffusion-xl-base-1.0")
 
 
@@ -115,10 +115,10 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, met
     """An `AutoencoderKL` from a diffusers folder (a VAE's or a pipeline's), a VAE-only file or a full checkpoint
     (on the meta device with `meta`, as in `load_model`). `part`: the family's VAE part (SDXL's by default)."""
     source = os.fspath(path)
-    network = part or next(n for n in sdxl_networks() if n.attribute == "vae")
+    part = part or next(n for n in sdxl_parts() if n.attribute == "vae")
     if os.path.isdir(source):
-        subfolder = network.subfolder if os.path.isfile(os.path.join(source, "model_index.json")) else None
-        return _from_pretrained(network, source, subfolder, dtype, local_only=True, meta=meta)
+        subfolder = part.subfolder if os.path.isfile(os.path.join(source, "model_index.json")) else None
+        return _from_pretrained(part, source, subfolder, dtype, local_only=True, meta=meta)
     with CheckpointFile(source, meta=meta) as (shapes, read):
         prefix = vae_prefix(shapes)
         if prefix is None and any(key.startswith(VAE_PREFIX) for key in shapes):
@@ -127,48 +127,48 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, met
             kind = checkpoint_kind(shapes)
             raise LorakitError(f"--vae {source} holds no VAE: it looks like {kind.name} ({kind.evidence}); expected "
                                f"encoder.*/decoder.* keys, with or without {VAE_PREFIX}")
-        return _build(network, shapes, read, prefix, dtype, source)
+        return _build(part, shapes, read, prefix, dtype, source)
 
 
 # ---------------------------------------------------------------- single files
 
 
-def _load_single_file(source: str, networks: Iterable[ModelPart], dtype: torch.dtype, meta: bool = False,
+def _load_single_file(source: str, parts: Iterable[ModelPart], dtype: torch.dtype, meta: bool = False,
                       check: Callable[[Mapping[str, Sequence[int]], str], None] = require_sdxl,
                       ) -> dict[str, torch.nn.Module]:
     with CheckpointFile(source, meta=meta) as (shapes, read):
         check(shapes, source)
         modules = {}
-        for network in networks:
-            if not any(key.startswith(network.prefix) for key in shapes):
-                raise LorakitError(f"{source} has no {network.prefix}* tensors ({network.attribute}); "
-                                   + ("pass a VAE with --vae" if network.attribute == "vae" else "the file is incomplete"))
-            modules[network.attribute] = _build(network, shapes, read, network.prefix, dtype, source)
+        for part in parts:
+            if not any(key.startswith(part.prefix) for key in shapes):
+                hint = "pass a VAE with --vae" if part.attribute == "vae" else "the file is incomplete"
+                raise LorakitError(f"{source} has no {part.prefix}* tensors ({part.attribute}); {hint}")
+            modules[part.attribute] = _build(part, shapes, read, part.prefix, dtype, source)
         return modules
 
 
-def _build(network: ModelPart, shapes: Mapping[str, tuple[int, ...]], read: Reader, prefix: str, dtype: torch.dtype,
+def _build(part: ModelPart, shapes: Mapping[str, tuple[int, ...]], read: Reader, prefix: str, dtype: torch.dtype,
            source: str) -> torch.nn.Module:
-    """Build `network` on the meta device and give it the converted tensors under `prefix` as its parameters."""
+    """Build `part` on the meta device and give it the converted tensors under `prefix` as its parameters."""
     own_shapes = {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
     try:
-        config = network.config_from_sgm(own_shapes)
+        config = part.config_from_sgm(own_shapes)
         with init_empty_weights(include_buffers=False):  # buffers (CLIP's position ids) are small and not stored
-            module = network.build(config)
-        state = network.to_diffusers(LazyTensors(read, own_shapes, prefix, dtype), config)
+            module = part.build(config)
+        state = part.to_diffusers(LazyTensors(read, own_shapes, prefix, dtype), config)
     except LorakitError as error:
-        raise LorakitError(f"{source}: {network.attribute}: {error}") from None
+        raise LorakitError(f"{source}: {part.attribute}: {error}") from None
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as error:  # shapes no SDXL network has
-        raise LorakitError(f"{source}: {network.attribute}: its tensor shapes do not make an SDXL "
-                           f"{network.attribute} ({type(error).__name__}: {_first_line(error)})") from None
+        raise LorakitError(f"{source}: {part.attribute}: its tensor shapes do not make an SDXL "
+                           f"{part.attribute} ({type(error).__name__}: {_first_line(error)})") from None
     expected = module.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            raise LorakitError(f"{source}: {network.attribute} tensor {key} has shape {tuple(tensor.shape)}; the "
+            raise LorakitError(f"{source}: {part.attribute} tensor {key} has shape {tuple(tensor.shape)}; the "
                                f"architecture the other tensors give expects {tuple(expected[key].shape)}")
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise LorakitError(f"{source}: {network.attribute} does not match its inferred architecture: "
+        raise LorakitError(f"{source}: {part.attribute} does not match its inferred architecture: "
                            f"{len(missing)} missing tensor(s) (e.g. {', '.join(missing[:3]) or '-'}), "
                            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'})")
     return module
@@ -282,11 +282,11 @@ def load_torch_tensors(source: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- diffusers folders and hub ids
 
 
-def _load_diffusers(source: str, networks: Iterable[ModelPart], dtype: torch.dtype, local_only: bool,
+def _load_diffusers(source: str, parts: Iterable[ModelPart], dtype: torch.dtype, local_only: bool,
                     meta: bool = False, layout: ModelLayout | None = None) -> dict[str, torch.nn.Module]:
     if local_only:
         _check_diffusers_folder(source, layout or SDXL_LAYOUT)
-    return {n.attribute: _from_pretrained(n, source, n.subfolder, dtype, local_only, meta) for n in networks}
+    return {n.attribute: _from_pretrained(n, source, n.subfolder, dtype, local_only, meta) for n in parts}
 
 
 def _check_diffusers_folder(folder: str, layout: ModelLayout) -> None:
@@ -302,21 +302,21 @@ def _check_diffusers_folder(folder: str, layout: ModelLayout) -> None:
     layout.folder_check(index, folder)
 
 
-def _from_pretrained(network: ModelPart, source: str, subfolder: str | None, dtype: torch.dtype,
+def _from_pretrained(part: ModelPart, source: str, subfolder: str | None, dtype: torch.dtype,
                      local_only: bool, meta: bool = False) -> torch.nn.Module:
-    dtype_argument = "torch_dtype" if network.is_diffusers else "dtype"
+    dtype_argument = "torch_dtype" if part.is_diffusers else "dtype"
     where = f"{source}/{subfolder}" if subfolder else source
     try:
         if meta:
-            module = cast_model(_from_config_on_meta(network, source, subfolder, local_only), dtype)
+            module = cast_model(_from_config_on_meta(part, source, subfolder, local_only), dtype)
             if os.path.isdir(source):
                 _check_folder_weights(module, Path(source, subfolder or ""))
             return module
-        return network.model_class.from_pretrained(source, subfolder=subfolder, local_files_only=local_only,
+        return part.model_class.from_pretrained(source, subfolder=subfolder, local_files_only=local_only,
                                                     **{dtype_argument: dtype})
     except (OSError, ValueError, RuntimeError, TypeError) as error:
         hint = "" if local_only else " (not in the local Hugging Face cache and the hub is unreachable?)"
-        raise LorakitError(f"cannot load {network.model_class.__name__} from {where}{hint}: "
+        raise LorakitError(f"cannot load {part.model_class.__name__} from {where}{hint}: "
                            f"{_first_line(error)}") from error
 
 
@@ -362,16 +362,16 @@ def _folder_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     raise LorakitError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}, or a sharded .index.json)")
 
 
-def _from_config_on_meta(network: ModelPart, source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
+def _from_config_on_meta(part: ModelPart, source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
     """The model a folder's config.json describes, built on the meta device (no weights read)."""
-    if network.is_diffusers:
-        config = network.model_class.load_config(source, subfolder=subfolder, local_files_only=local_only)
+    if part.is_diffusers:
+        config = part.model_class.load_config(source, subfolder=subfolder, local_files_only=local_only)
         with init_empty_weights():
-            return network.model_class.from_config(config)
-    config = network.model_class.config_class.from_pretrained(source, subfolder=subfolder,
+            return part.model_class.from_config(config)
+    config = part.model_class.config_class.from_pretrained(source, subfolder=subfolder,
                                                               local_files_only=local_only)
     with init_empty_weights():
-        return network.model_class(config)
+        return part.model_class(config)
 
 
 def check_hub_model(repo_id: str) -> None:

@@ -22,9 +22,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorakit.errors import LorakitError
-
-TE1_PREFIX = "conditioner.embedders.0.transformer."
-TE2_PREFIX = "conditioner.embedders.1.model."
+from lorakit.models.prefixes import SD2_TE_PREFIX, TE1_PREFIX, TE2_PREFIX
 
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
@@ -249,8 +247,6 @@ def te2_to_sgm(
 
 
 # ---------------------------------------------------------------- SD 2.x: OpenCLIP ViT-H, run one layer short
-
-SD2_TE_PREFIX = "cond_stage_model.model."
 
 
 def sd2_te_config(size: Literal["tiny", "full"]) -> CLIPTextConfig:

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from lorakit.errors import LorakitError
 
-SGM_PREFIX = "model.diffusion_model."
 HEAD_DIM = 64  # SDXL's heads are 64 wide; checkpoints do not store the head count.
 ADDED_TIME_DIM = 256  # width of each of the six size/crop embeddings in SDXL's added condition
 
@@ -194,12 +193,12 @@ def _rename(state: Mapping[str, Tensor], module_map: Mapping[str, str], what: st
 
 
 def unet_to_sgm(state: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
-    """diffusers `UNet2DConditionModel.state_dict()` keys -> SGM keys (without `SGM_PREFIX`)."""
+    """diffusers `UNet2DConditionModel.state_dict()` keys -> SGM keys (without `UNET_PREFIX`)."""
     return _rename(state, unet_module_paths(config), "diffusers U-Net")
 
 
 def unet_to_diffusers(sgm: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
-    """SGM U-Net keys (without `SGM_PREFIX`) -> diffusers `UNet2DConditionModel` state-dict keys."""
+    """SGM U-Net keys (without `UNET_PREFIX`) -> diffusers `UNet2DConditionModel` state-dict keys."""
     to_diffusers = {s: d for d, s in unet_module_paths(config).items()}
     return _rename(sgm, to_diffusers, "SGM U-Net")
 
@@ -213,7 +212,7 @@ def _count(shapes: Mapping[str, tuple[int, ...]], template: str) -> int:
 
 
 def unet_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> dict:
-    """Infer the diffusers config of an SGM U-Net (keys without `SGM_PREFIX`) from its tensor shapes alone."""
+    """Infer the diffusers config of an SGM U-Net (keys without `UNET_PREFIX`) from its tensor shapes alone."""
     layout = _ldm_layout(shapes)
     if "label_emb.0.0.weight" not in shapes:
         raise LorakitError(
@@ -233,7 +232,7 @@ def unet_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> dict:
 
 
 def sd_unet_config_from_ldm(shapes: Mapping[str, tuple[int, ...]], heads: int | None) -> dict:
-    """The diffusers config of an SD 1.x/2.x LDM U-Net (keys without `SGM_PREFIX`) from its shapes: `heads` is the
+    """The diffusers config of an SD 1.x/2.x LDM U-Net (keys without `UNET_PREFIX`) from its shapes: `heads` is the
     head count of every level (SD 1.x: 8), or None for 64-wide heads (SD 2.x); checkpoints store neither."""
     layout = _ldm_layout(shapes)
     if "label_emb.0.0.weight" in shapes:

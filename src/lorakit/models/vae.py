@@ -14,7 +14,6 @@ from torch import Tensor
 
 from lorakit.errors import LorakitError
 
-SGM_PREFIX = "first_stage_model."
 LATENT_SCALE = 0.13025  # SDXL's VAE scaling factor (SD 1.x used 0.18215)
 
 # diffusers ResnetBlock2D leaf -> LDM ResnetBlock leaf
@@ -123,12 +122,12 @@ def _rename(
 
 
 def vae_to_sgm(state: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
-    """diffusers `AutoencoderKL.state_dict()` keys -> LDM keys (without `SGM_PREFIX`)."""
+    """diffusers `AutoencoderKL.state_dict()` keys -> LDM keys (without `VAE_PREFIX`)."""
     return _rename(state, vae_module_paths(config), "diffusers VAE", to_ldm=True)
 
 
 def vae_to_diffusers(sgm: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
-    """LDM VAE keys (without `SGM_PREFIX`) -> diffusers `AutoencoderKL` state-dict keys."""
+    """LDM VAE keys (without `VAE_PREFIX`) -> diffusers `AutoencoderKL` state-dict keys."""
     to_diffusers = {ldm: d for d, ldm in vae_module_paths(config).items()}
     return _rename(sgm, to_diffusers, "LDM VAE", to_ldm=False)
 
@@ -141,7 +140,7 @@ def _count(shapes: Mapping[str, tuple[int, ...]], template: str) -> int:
 
 
 def vae_config_from_sgm(shapes: Mapping[str, tuple[int, ...]]) -> dict:
-    """Infer the diffusers config of an LDM VAE (keys without `SGM_PREFIX`) from its tensor shapes alone."""
+    """Infer the diffusers config of an LDM VAE (keys without `VAE_PREFIX`) from its tensor shapes alone."""
     for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"):
         if key not in shapes:
             raise LorakitError(f"VAE: no {key}; this is not an LDM/SGM autoencoder")

@@ -1,4 +1,4 @@
-"""`--network_args` of `networks.lora` (reference §5.5), parsed into one typed object.
+"""`--network_args` of `networks.lora` (sd-scripts' `networks/lora.py`, `create_network`), parsed into one typed object.
 
 Values arrive as strings (`key=value`, split on the first `=`). Unlike sd-scripts, an unknown key or a
 list of the wrong length is an error naming the key, not silently ignored.

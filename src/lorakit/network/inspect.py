@@ -79,9 +79,10 @@ def summarize_checkpoint(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[
                "parameters": sum(math.prod(shape) for shape in shapes.values()),
                "dtypes": dict(sorted(Counter(dtypes.values()).items()))}
     if kind.is_sdxl:
-        from lorakit.models.unet import SGM_PREFIX, unet_config_from_sgm
+        from lorakit.models.prefixes import UNET_PREFIX
+        from lorakit.models.unet import unet_config_from_sgm
 
-        unet = {k[len(SGM_PREFIX):]: s for k, s in shapes.items() if k.startswith(SGM_PREFIX)}
+        unet = {k[len(UNET_PREFIX):]: s for k, s in shapes.items() if k.startswith(UNET_PREFIX)}
         config = unet_config_from_sgm(unet)
         summary["unet"] = {"block_out_channels": list(config["block_out_channels"]),
                            "transformer_layers_per_block": list(config["transformer_layers_per_block"]),

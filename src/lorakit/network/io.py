@@ -1,7 +1,7 @@
-"""LoRA files: saving with sd-scripts' metadata and hashes, reading, loading into a network (reference §5.6–5.7,
-§6.3–6.4).
+"""LoRA files: saving with sd-scripts' metadata and hashes, reading, loading into a network (`networks/lora.py`'s
+`LoRANetwork.save_weights` / `load_weights`, `train_network.py`'s metadata, `library/sai_model_spec.py`).
 
-Metadata hand-over: the trainer builds the `ss_*` values of §6.3 once per run (`TRAINER_METADATA_KEYS`; values are
+Metadata hand-over: the trainer builds sd-scripts' `ss_*` values once per run (`TRAINER_METADATA_KEYS`; values are
 `str()` of Python values, `None` as "None") and updates `ss_steps`, `ss_epoch`, `ss_training_finished_at` per save;
 `build_modelspec(...)` gives the `modelspec.*` keys; `save_lora` adds `sshs_model_hash` and `sshs_legacy_hash`.
 """
@@ -28,9 +28,9 @@ from lorakit.network.targets import SDXL_LORA, LoRALayout
 
 logger = logging.getLogger(__name__)
 
-# The ss_* keys sd-scripts writes for an SDXL LoRA (§6.3) that the trainer fills in. Dataset keys depend on the
-# dataset source: with --dataset_config `DATASET_CONFIG_METADATA_KEYS`, without it `DATASET_CLI_METADATA_KEYS`.
-# `ss_network_args` only when --network_args was given.
+# The ss_* keys sd-scripts writes for an SDXL LoRA (`train_network.py`'s `NetworkTrainer.train`) that the trainer
+# fills in. Dataset keys depend on the dataset source: with --dataset_config `DATASET_CONFIG_METADATA_KEYS`,
+# without it `DATASET_CLI_METADATA_KEYS`. `ss_network_args` only when --network_args was given.
 TRAINER_METADATA_KEYS = (
     "ss_session_id", "ss_training_started_at", "ss_output_name", "ss_learning_rate", "ss_unet_lr",
     "ss_text_encoder_lr", "ss_num_train_images", "ss_num_validation_images", "ss_num_reg_images",
@@ -87,7 +87,8 @@ def build_modelspec(
     preprocessor: str | None = None,
     is_negative_embedding: str | None = None,
 ) -> dict[str, str]:
-    """The `modelspec.*` keys sd-scripts writes for a LoRA (§6.3), from `--metadata_*` and run values.
+    """The `modelspec.*` keys sd-scripts writes for a LoRA (`library/sai_model_spec.py`'s `build_metadata`), from
+    `--metadata_*` and run values.
 
     `title`: --metadata_title or --output_name (None gives `LoRA@<date>`); `resolution`: (width, height) of
     --resolution (None gives `default_resolution`, the family's); `architecture`: the family's LoRA

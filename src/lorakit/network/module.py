@@ -1,4 +1,4 @@
-"""One LoRA module (reference §5.4): `y = base(x) + up(down(x)) · multiplier · alpha / rank`.
+"""One LoRA module (`networks/lora.py`'s `LoRAModule`): `y = base(x) + up(down(x)) · multiplier · alpha / rank`.
 
 The base layer is not replaced: a forward hook adds the LoRA branch to its output. The base model's
 `state_dict()` keeps its own names, its parameters stay frozen, and `torch.compile` and gradient

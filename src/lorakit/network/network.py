@@ -1,4 +1,4 @@
-"""The SDXL LoRA network (`networks.lora` compatible, reference §5): its modules, groups and the sd-scripts API.
+"""The SDXL LoRA network (compatible with sd-scripts' `networks/lora.py`): its modules, groups and the sd-scripts API.
 
 Modules are registered under their `lora_name`, so `network.state_dict()` is the file's tensor dict.
 Besides lorakit's own methods the network answers sd-scripts' network API (`apply_to`,
@@ -74,7 +74,7 @@ class LoRANetwork(nn.Module):
 
     def parameter_groups(self, unet_lr: float | None, text_encoder1_lr: float | None,
                          text_encoder2_lr: float | None, learning_rate: float | None) -> list[dict]:
-        """Optimizer groups, each `{"name", "params", "lr"}`; names are the reference's `lr/<name>` log keys.
+        """Optimizer groups, each `{"name", "params", "lr"}`; names are sd-scripts' `lr/<name>` log keys.
 
         TE1, TE2 (SD 1.x/2.x: the one text encoder, at TE1's LR) and the U-Net get their own groups (LR falls back
         to `learning_rate`), LoRA+ puts the `lora_up`

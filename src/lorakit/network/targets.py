@@ -1,4 +1,5 @@
-"""Which layers of the SDXL models get LoRA, and their sd-scripts names (reference §5.1–5.2, §5.5).
+"""Which layers of the SDXL models get LoRA, and their sd-scripts names (`networks/lora.py`'s
+`LoRANetwork.create_modules` and `create_network`).
 
 Names follow sd-scripts' SGM layout (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`) although
 the models are diffusers / transformers ones: the diffusers module path is translated through

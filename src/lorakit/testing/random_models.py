@@ -3,7 +3,7 @@ checkpoints.
 
 Tests, the demo and the benchmarks use these instead of downloading models: `tiny` loads and runs in well under a
 second, `full` is the real base configuration. A single-file checkpoint is written in the original SGM/LDM layout
-component by component, so a full-size file needs the memory of one network, not all of them.
+component by component, so a full-size file needs the memory of one part, not all of them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 
-# The scheduler of stabilityai/stable-diffusion-xl-base-1.0 (reference §4.2 trains on its DDPM betas).
+# The scheduler of stabilityai/stable-diffusion-xl-base-1.0 (sd-scripts' `train_network.py` trains on its DDPM
+# betas).
 SDXL_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
@@ -57,12 +58,12 @@ def random_tensor(shape: Sequence[int], name: str, seed: int) -> torch.Tensor:
     return noise.mul_(0.02)
 
 
-def random_network(network: ModelPart, config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
-    """Build `network` without initialising it, then fill every parameter from `random_tensor`, one at a time."""
+def random_network(part: ModelPart, config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    """Build `part` without initialising it, then fill every parameter from `random_tensor`, one at a time."""
     with init_empty_weights(include_buffers=False):
-        module = network.build(config)
+        module = part.build(config)
     parameters = dict(module.named_parameters())
-    state = {name: random_tensor(p.shape, f"{network.attribute}.{name}", seed).to(dtype)
+    state = {name: random_tensor(p.shape, f"{part.attribute}.{name}", seed).to(dtype)
              for name, p in parameters.items()}
     module.load_state_dict(state, strict=False, assign=True)
     return module.eval()
@@ -70,10 +71,10 @@ def random_network(network: ModelPart, config, seed: int, dtype: torch.dtype) ->
 
 def random_components(size: Size = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
                       family: str = "sdxl") -> Components:
-    """Every network of a `family` model with random weights, plus the offline tokenizers."""
+    """Every part of a `family` model with random weights, plus the offline tokenizers."""
     layout = family_named(family).layout
-    modules = {network.attribute: random_network(network, network.config(size), seed, dtype)
-               for network in layout.parts()}
+    modules = {part.attribute: random_network(part, part.config(size), seed, dtype)
+               for part in layout.parts()}
     return layout.assemble(modules, layout.tokenizers(None),
                            ModelIdentity(name=f"random-{family}-{size}-seed{seed}", path=None), None)
 
@@ -83,7 +84,7 @@ def random_components(size: Size = "tiny", seed: int = 0, dtype: torch.dtype = t
 
 @dataclass(frozen=True)
 class SGMPart:
-    """One network's tensors in a single-file checkpoint.
+    """One part's tensors in a single-file checkpoint.
 
     `header()` may return meta tensors: only names, shapes and dtypes are read. `tensors()` is called once, when
     the part is written, and must give the same names and shapes; its result is dropped right after.
@@ -142,40 +143,40 @@ def _raw_bytes(tensor: torch.Tensor, dtype: torch.dtype | None) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def _sgm_state(network: ModelPart, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return network.to_sgm(module.state_dict(), network.config_of(module))
+def _sgm_state(part: ModelPart, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return part.to_sgm(module.state_dict(), part.config_of(module))
 
 
 def write_single_file(components: Components, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write loaded components as one single-file checkpoint (SDXL: the layout of sd_xl_base_1.0.safetensors)."""
     parts = []
-    for network in components.parts():
-        module = getattr(components, network.attribute)
-        produce = lambda network=network, module=module: _sgm_state(network, module)  # noqa: E731
-        parts.append(SGMPart(network.prefix, produce, produce))
+    for part in components.parts():
+        module = getattr(components, part.attribute)
+        produce = lambda part=part, module=module: _sgm_state(part, module)  # noqa: E731
+        parts.append(SGMPart(part.prefix, produce, produce))
     write_safetensors_stream(parts, path, dtype)
 
 
 def write_random_single_file(path: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype,
                              family: str = "sdxl") -> None:
-    """Like `write_single_file(random_components(...))`, but each network exists only while it is written."""
+    """Like `write_single_file(random_components(...))`, but each part exists only while it is written."""
     write_safetensors_stream(random_sgm_parts(size, seed, dtype, family), path, dtype)
 
 
 def random_sgm_parts(size: Size, seed: int, dtype: torch.dtype, family: str = "sdxl") -> list[SGMPart]:
     """The networks as SGMParts whose header comes from the meta device and whose tensors are made on demand."""
     parts = []
-    for network in family_named(family).layout.parts():
-        config = network.config(size)
+    for part in family_named(family).layout.parts():
+        config = part.config(size)
 
-        def header(network=network, config=config):
+        def header(part=part, config=config):
             with init_empty_weights(include_buffers=True):
-                return network.to_sgm(network.build(config).state_dict(), config)
+                return part.to_sgm(part.build(config).state_dict(), config)
 
-        def tensors(network=network, config=config):
-            return network.to_sgm(random_network(network, config, seed, dtype).state_dict(), config)
+        def tensors(part=part, config=config):
+            return part.to_sgm(random_network(part, config, seed, dtype).state_dict(), config)
 
-        parts.append(SGMPart(network.prefix, header, tensors))
+        parts.append(SGMPart(part.prefix, header, tensors))
     return parts
 
 
@@ -188,16 +189,16 @@ def write_diffusers(components: Components, folder: str | os.PathLike, dtype: to
     def cast(module: torch.nn.Module) -> torch.nn.Module:
         return module if dtype is None else copy.deepcopy(module).to(dtype)
 
-    modules = [(network, lambda m=getattr(components, network.attribute): cast(m)) for network in components.parts()]
+    modules = [(part, lambda m=getattr(components, part.attribute): cast(m)) for part in components.parts()]
     _write_diffusers_folder(folder, modules, components.tokenizers)
 
 
 def write_random_diffusers(folder: str | os.PathLike, size: Size, seed: int, dtype: torch.dtype,
                            family: str = "sdxl") -> None:
-    """Like `write_diffusers(random_components(...))`, one network in memory at a time."""
+    """Like `write_diffusers(random_components(...))`, one part in memory at a time."""
     layout = family_named(family).layout
-    modules = [(network, lambda n=network: random_network(n, n.config(size), seed, dtype))
-               for network in layout.parts()]
+    modules = [(part, lambda n=part: random_network(n, n.config(size), seed, dtype))
+               for part in layout.parts()]
     _write_diffusers_folder(folder, modules, layout.tokenizers(None))
 
 
@@ -208,16 +209,16 @@ def _write_diffusers_folder(folder: str | os.PathLike, modules: list[tuple[Model
     tokenizer_folders = ["tokenizer", "tokenizer_2"][:len(tokenizers)]
     with atomic_path(folder) as temporary:
         temporary.mkdir()
-        for network, produce in modules:
-            produce().save_pretrained(temporary / network.subfolder, safe_serialization=True)
+        for part, produce in modules:
+            produce().save_pretrained(temporary / part.subfolder, safe_serialization=True)
         for tokenizer, subfolder in zip(tokenizers, tokenizer_folders):
             tokenizer.save_pretrained(temporary / subfolder)
         EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(temporary / "scheduler")
-        index = _model_index(__version__, [network for network, _ in modules], tokenizer_folders)
+        index = _model_index(__version__, [part for part, _ in modules], tokenizer_folders)
         (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _model_index(diffusers_version: str, networks: Sequence[ModelPart], tokenizer_folders: Sequence[str]) -> dict:
+def _model_index(diffusers_version: str, parts: Sequence[ModelPart], tokenizer_folders: Sequence[str]) -> dict:
     sdxl = "tokenizer_2" in tokenizer_folders
     index = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
@@ -229,7 +230,7 @@ def _model_index(diffusers_version: str, networks: Sequence[ModelPart], tokenize
     index |= {"force_zeros_for_empty_prompt": True} if sdxl else {"safety_checker": [None, None],
                                                                    "requires_safety_checker": False}
     index |= {folder: ["transformers", "CLIPTokenizer"] for folder in tokenizer_folders}
-    index |= {network.subfolder: ["diffusers" if network.is_diffusers else "transformers",
-                                  network.model_class.__name__] for network in networks}
+    index |= {part.subfolder: ["diffusers" if part.is_diffusers else "transformers",
+                                  part.model_class.__name__] for part in parts}
     return dict(sorted(index.items()))
 

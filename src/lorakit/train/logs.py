@@ -1,8 +1,8 @@
-"""Training logs (reference §2.3 J, §4.4): TensorBoard / wandb trackers, the reference's log keys, the moving
-average behind `loss/average`, and a loss/LR curve PNG drawn with Pillow.
+"""Training logs (sd-scripts' `train_network.py`, `generate_step_logs`): TensorBoard / wandb trackers,
+sd-scripts' log keys, the moving average behind `loss/average`, and a loss/LR curve PNG drawn with Pillow.
 
 The run folder is `{logging_dir}/{log_prefix}{YYYYmmddHHMMSS}/{log_tracker_name or "network_train"}/`, where
-accelerate's TensorBoard tracker puts the reference's event files. Only the main process opens trackers; the
+accelerate's TensorBoard tracker puts sd-scripts' event files. Only the main process opens trackers; the
 others get a `TrainingLog` that records nothing.
 
 Keys: `loss/current`, `loss/average` (moving average over the last epoch's worth of steps), `loss/epoch_average`,
@@ -44,7 +44,7 @@ History = Mapping[str, Sequence[tuple[int, float]]]
 
 class MovingAverage:
     """Mean of the last `window` values (all values while fewer have come). `loss/average` uses one epoch's
-    number of steps as the window, which is what the reference's per-position ring buffer computes."""
+    number of steps as the window, which is what sd-scripts' per-position ring buffer computes."""
 
     def __init__(self, window: int) -> None:
         if window < 1:
@@ -116,7 +116,7 @@ def sanitized_config(config: Any) -> dict[str, Any]:
 
 
 def run_dir_name(log_prefix: str | None, when: float | None = None) -> str:
-    """`{prefix}{YYYYmmddHHMMSS}` (local time), the reference's run folder name."""
+    """`{prefix}{YYYYmmddHHMMSS}` (local time), sd-scripts' run folder name."""
     return (log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime(when))
 
 

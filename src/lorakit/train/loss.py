@@ -1,4 +1,5 @@
-"""The loss half of a training step: element-wise loss, mask, per-sample weights (reference §4.2 step 8).
+"""The loss half of a training step: element-wise loss, mask, per-sample weights (sd-scripts'
+`library/train_util.py` `conditional_loss` and `library/custom_train_functions.py` `apply_*`).
 
 Order, as sd-scripts: element-wise loss (fp32) → × mask → mean over C,H,W → × per-sample loss weights
 (prior_loss_weight for regularisation images) → Min-SNR → scale_v_pred_loss_like_noise_pred → v_pred_like_loss →

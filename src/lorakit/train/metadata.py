@@ -1,4 +1,5 @@
-"""The `ss_*` metadata of a saved LoRA (reference §6.3), built once per run from the config and the run's facts;
+"""The `ss_*` metadata of a saved LoRA (as `train_network.py`'s `NetworkTrainer.train`
+writes it), built once per run from the config and the run's facts;
 each save adds only what changes (finish time, steps, epoch)."""
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from lorakit.config import TrainConfig
 from lorakit.data.buckets import aspect_ratio_error
 from lorakit.data.dataset import TrainingData
 from lorakit.errors import LorakitError
-from lorakit.families import ModelFamily
+from lorakit.families.base import ModelFamily
 from lorakit.fileio import kind_of
 from lorakit.models.components import ModelIdentity
 from lorakit.network.io import build_modelspec
+
+# The caption keys sd-scripts writes for each subset in ss_datasets, in its order.
+_SUBSET_CAPTION_KEYS = ("shuffle_caption", "keep_tokens", "keep_tokens_separator", "secondary_separator",
+                        "enable_wildcard", "caption_prefix", "caption_suffix")
 
 
 @dataclass(frozen=True)
@@ -183,10 +188,7 @@ def _dataset_metadata(data: TrainingData) -> dict[str, object]:
             subsets.append({
                 "img_count": len(records), "num_repeats": subset.num_repeats, "color_aug": subset.color_aug,
                 "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
-                "shuffle_caption": subset.shuffle_caption, "keep_tokens": subset.keep_tokens,
-                "keep_tokens_separator": subset.keep_tokens_separator,
-                "secondary_separator": subset.secondary_separator, "enable_wildcard": subset.enable_wildcard,
-                "caption_prefix": subset.caption_prefix, "caption_suffix": subset.caption_suffix,
+                **{key: getattr(subset.captions, key) for key in _SUBSET_CAPTION_KEYS},
                 "resize_interpolation": subset.resize_interpolation, "image_dir": folder,
                 **({"class_tokens": subset.class_tokens, "is_reg": subset.is_reg} if subset.kind != "fine_tuning"
                    else {"metadata_file": _basename(subset.metadata_file)}),

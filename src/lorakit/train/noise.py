@@ -1,6 +1,7 @@
 """The forward-diffusion half of a training step: the DDPM schedule, noise, timesteps and x_t.
 
-Pure functions on tensors, as sd-scripts' `process_batch` (reference §4.2 steps 2–5 and 7).
+Pure functions on tensors, as sd-scripts' `train_network.py` `process_batch`,
+`library/train_util.py` `get_noise_noisy_latents_and_timesteps` and `library/custom_train_functions.py`.
 
 Randomness: every draw comes from one explicit CPU `torch.Generator`, in float32, then moves to the latents'
 device and dtype, so a resumed run that restores the generator's state draws the same numbers. The order of draws

@@ -1,4 +1,5 @@
-"""`--optimizer_type` / `--optimizer_args` → an optimizer, as sd-scripts' `get_optimizer` (reference §9.1).
+"""`--optimizer_type` / `--optimizer_args` → an optimizer, as sd-scripts' `library/train_util.py`
+`get_optimizer`.
 
 Names are case-insensitive; anything else is a `torch.optim` class name or a dotted class path (case-sensitive),
 called as `Class(param_groups, lr=learning_rate, **optimizer_args)`. Optional packages are imported only when

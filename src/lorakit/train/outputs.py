@@ -1,4 +1,5 @@
-"""Output names, save cadence and rotation, as sd-scripts writes them (reference §6.1). Pure except `prune`."""
+"""Output names, save cadence and rotation, as sd-scripts writes them (`library/train_util.py`:
+`get_epoch_ckpt_name`, `get_step_ckpt_name`, `get_last_ckpt_name`, `get_remove_epoch_no`). Pure except `prune`."""
 
 from __future__ import annotations
 

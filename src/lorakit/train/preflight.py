@@ -31,7 +31,7 @@ import torch
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.fileio import describe_os_error, kind_of
-from lorakit.families import ModelFamily
+from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components
 from lorakit.models.loading import check_hub_model, is_hub_id
 from lorakit.network.apply import file_network

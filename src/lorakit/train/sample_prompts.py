@@ -1,10 +1,11 @@
-"""Sample-prompt files (`--sample_prompts`, reference §8): `.txt`, `.toml` or `.json` -> a list of SamplePrompt.
+"""Sample-prompt files (`--sample_prompts`; sd-scripts' `library/train_util.py`,
+`load_prompts` and `line_to_prompt_dict`): `.txt`, `.toml` or `.json` -> a list of SamplePrompt.
 
 - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped. Options follow the prompt,
   each introduced by " --" (the line is split on that literal): `--w` width, `--h` height, `--d` seed, `--s` steps,
   `--l` CFG scale, `--n` negative prompt, `--ss` sampler. Option letters are case-insensitive.
 - `.toml`: a `[prompt]` table of defaults and `[[prompt.subset]]` entries; each entry is the defaults updated by
-  its own keys (the reference cannot override a default in a subset: it builds `dict(**defaults, **subset)`).
+  its own keys (sd-scripts cannot override a default in a subset: it builds `dict(**defaults, **subset)`).
 - `.json`: a list whose items are option strings (read like a `.txt` line) or tables.
   Table keys: prompt, negative_prompt, width, height, sample_steps, scale, seed, sample_sampler.
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 SAMPLER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
                  "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "ddpm")
 DEFAULT_STEPS = 30
-# SDXL's native size. The reference defaults to 512x512 even for SDXL, where the model produces poor images.
+# SDXL's native size. sd-scripts defaults to 512x512 even for SDXL, where the model produces poor images.
 DEFAULT_SIZE = 1024
 DEFAULT_SCALE = 7.5
 MIN_SIZE = 64
@@ -43,7 +44,7 @@ TEXT_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "steps", "l": "sc
 # Keys of a .toml / .json table -> SamplePrompt field.
 TABLE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
               "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
-# Options the reference reads for other model families; they do nothing for SDXL.
+# Options sd-scripts reads for other model families; they do nothing for SDXL.
 OTHER_MODELS = {"g", "cn", "ctr", "rcfg", "fs", "guidance_scale", "controlnet_image"}
 
 

@@ -1,9 +1,10 @@
-"""Sample images during training (reference §8): when to sample, the samplers, and one sampling point.
+"""Sample images during training (sd-scripts' `library/train_util.py`,
+`sample_images_common`): when to sample, the samplers, and one sampling point.
 
 Images come from the model family's diffusers pipeline (`ModelFamily.sample`: `StableDiffusionXLPipeline` for
 SDXL) assembled around the live training modules: nothing is copied, and the LoRA stays applied because its
 forward hooks sit on those very modules. Prompts are encoded the way training encodes captions
-(`lorakit.models.text_encoding`, up to three 75-token chunks like the reference's long-prompt pipeline), with
+(`lorakit.models.text_encoding`, up to three 75-token chunks like sd-scripts' long-prompt pipeline), with
 A1111 prompt weights `(word:1.2)`, `[word]` applied to the hidden states as `--weighted_captions` does (the
 reference's pipeline also rescales them to keep their mean; lorakit does not).
 
@@ -51,7 +52,7 @@ from lorakit.fileio import atomic_path
 from lorakit.train.sample_prompts import SamplePrompt
 from lorakit.train.state import preserved_rng
 
-# stabilityai/stable-diffusion-xl-base-1.0's scheduler config. The reference builds its samplers with diffusers'
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler config. sd-scripts builds its samplers with diffusers'
 # defaults and forces clip_sample=True: clipping x0 to ±1 is meant for pixel-space models and dulls SDXL latents.
 SDXL_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -59,7 +60,7 @@ SDXL_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
 }
 
-# --sample_sampler / --ss name -> (diffusers scheduler class, config overrides), as the reference's table.
+# --sample_sampler / --ss name -> (diffusers scheduler class, config overrides), as sd-scripts' table.
 # The names are sample_prompts.SAMPLER_NAMES (checked by a test), which the prompt parser validates against.
 SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
@@ -88,8 +89,9 @@ LINE_HEIGHT = 18
 
 
 def make_scheduler(name: str, v_parameterization: bool = False):
-    """A fresh diffusers scheduler for a sampler name of §8 (DDPM scaled-linear betas 0.00085–0.012, 1000 steps).
-    Call it for each prompt's sampler before training to fail early (e.g. `lms` without scipy)."""
+    """A fresh diffusers scheduler for a sampler name of sd-scripts' `get_my_scheduler` (DDPM scaled-linear betas
+    0.00085–0.012, 1000 steps). Call it for each prompt's sampler before training to fail early (e.g. `lms` without
+    scipy)."""
     if name not in SAMPLERS:
         raise LorakitError(f"sampler {name!r} is unknown; expected one of {', '.join(SAMPLERS)}")
     cls, overrides = SAMPLERS[name]
@@ -105,7 +107,7 @@ def make_scheduler(name: str, v_parameterization: bool = False):
 
 def should_sample(when: Literal["first", "step", "epoch"], *, global_step: int, epoch: int, at_first: bool,
                   every_n_steps: int | None, every_n_epochs: int | None) -> bool:
-    """The reference's trigger rules. `when` is the point in the loop: "first" before training, "step" after an
+    """sd-scripts' trigger rules. `when` is the point in the loop: "first" before training, "step" after an
     optimizer step (global_step counts completed steps), "epoch" after an epoch (epoch counts completed epochs).
     `--sample_every_n_epochs` disables step sampling. The caller checks that a prompt file was given."""
     if when == "first":

@@ -1,4 +1,5 @@
-"""The run's saves (reference §6.1–6.2): LoRA files with their metadata and save dtype, state folders beside them,
+"""The run's saves (sd-scripts' `train_network.py`, `save_model` and the
+`save_and_remove_state_*` calls): LoRA files with their metadata and save dtype, state folders beside them,
 step / epoch / final cadence, `--save_last_n_*` rotation, free-space checks, and the interruption save.
 
 Every process calls the `Checkpointer`'s methods at the same points (a state holds every rank's RNG states, and

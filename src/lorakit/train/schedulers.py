@@ -1,4 +1,5 @@
-"""`--lr_scheduler` and its flags → a torch LR scheduler, as sd-scripts' `get_scheduler_fix` (reference §9.2).
+"""`--lr_scheduler` and its flags → a torch LR scheduler, as sd-scripts' `library/train_util.py`
+`get_scheduler_fix`.
 
 The schedules are transformers' (and diffusers' `piecewise_constant`). Steps count optimizer steps over all
 processes: total = max_train_steps × num_processes, because accelerate steps the scheduler once per process.

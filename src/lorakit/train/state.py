@@ -1,4 +1,5 @@
-"""Training states (reference §6.2) without pickle: everything a resumed run needs to continue bit for bit.
+"""Training states (sd-scripts' `accelerator.save_state` folders and `train_state.json`) without pickle:
+everything a resumed run needs to continue bit for bit.
 
 A state folder (`OutputNames.state_dir`, e.g. `my_lora-step00000500-state/`):
   network.safetensors      the trainable network's state_dict

@@ -1,4 +1,5 @@
-"""One training step's forward pass: noise → U-Net → loss (reference §4.2–4.3).
+"""One training step's forward pass: noise → U-Net → loss (sd-scripts' `train_network.py`,
+`NetworkTrainer.process_batch`).
 
 `denoising_loss` is the whole step on one screen, for any family's U-Net call; the loop
 (`lorakit.train.trainer`) gives it the batch's latents and the family's prediction, then does the backward pass

@@ -29,7 +29,7 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 - checks: every input is checked before any weight is read (`lorakit.train.preflight`); `--dry_run` stops there.
 - start-up summary (main process): datasets and buckets, steps per epoch and in total, trainable parameters and
   learning rate per optimizer group, dtype and device of each model (or "released" / "on CPU until sampling").
-- logs and looks: the reference's TensorBoard/wandb keys, `{output_name or "last"}_curves.png` (loss and LR curves)
+- logs and looks: sd-scripts' TensorBoard/wandb keys, `{output_name or "last"}_curves.png` (loss and LR curves)
   in the output folder at the end, sample images (`lorakit.train.sampling`) from the live modules, validation loss
   (`lorakit.train.validation`).
 - processes: `accelerate launch` / torchrun data parallel (gloo on machines without CUDA); batches are sharded by
@@ -64,7 +64,8 @@ from lorakit.data.summary import dataset_summary
 from lorakit.data.text_cache import (CaptionEncoder, TextCache, TextItem, cache_text_encoder_outputs, cached_caption,
                                      check_text_caching_allowed)
 from lorakit.errors import LorakitError
-from lorakit.families import ModelFamily, family_named
+from lorakit.families import family_named
+from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components, cast_model
 from lorakit.models.loading import load_vae
 from lorakit.network.apply import merge_lora
@@ -94,7 +95,7 @@ logger = logging.getLogger("lorakit")
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How long the run is (reference §3.8): optimizer steps per epoch, total steps, epochs."""
+    """How long the run is (as `train_network.py` counts it): optimizer steps per epoch, total steps, epochs."""
 
     batches_per_epoch: int  # per process
     steps_per_epoch: int
@@ -385,8 +386,8 @@ def load_models(config: TrainConfig, family: ModelFamily, device: torch.device) 
     --no_half_vae), --base_weights merged, attention configured.
 
     With both caches the U-Net is not loaded here but by `cache_and_release`, once the VAE and the text encoders
-    are gone: the run's peak memory is then about one U-Net, not the whole checkpoint (full SDXL in bf16: 6.2 GB
-    instead of 8.3 GB max RSS). --base_weights may touch every model, so they keep the single load."""
+    are gone: the run's peak memory is then about one U-Net, not the whole checkpoint (figures in bench/README.md).
+    --base_weights may touch every model, so they keep the single load."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     vae_source = config.vae or config.pretrained_model_name_or_path
     # The VAE's own weights in fp32, not a copy already rounded to the mixed dtype while loading.
@@ -615,7 +616,7 @@ class SampleImages:
 
 class Validation:
     """Validation loss over the held-out batches (`lorakit.train.validation`), summed over processes, logged
-    under the reference's keys."""
+    under sd-scripts' keys."""
 
     def __init__(self, config: TrainConfig, data: TrainingData, models: Models, network, options: StepOptions,
                  seed: int, max_train_steps: int, log: TrainingLog, accelerator: Accelerator) -> None:

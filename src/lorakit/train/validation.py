@@ -1,6 +1,7 @@
-"""Validation loss (reference §4.4): every held-out batch at fixed timesteps, with its own seeded generator, the
-network in eval mode, no gradients, and every global RNG state put back afterwards — so validating never changes
-what training draws, and the same weights always give the same validation loss."""
+"""Validation loss (sd-scripts' `train_network.py`, its validation block): every held-out batch at fixed
+timesteps, with its own seeded generator, the network in eval mode, no gradients, and every global RNG state put
+back afterwards — so validating never changes what training draws, and the same weights always give the same
+validation loss."""
 
 from __future__ import annotations
 
