@@ -308,7 +308,7 @@ def _png_header(width: int, height: int) -> bytes:
 def cases(world: World) -> list[Case]:
     return (flag_cases(world) + config_file_cases(world) + dataset_cases(world) + path_cases(world)
             + image_cases(world) + text_file_cases(world) + checkpoint_cases(world) + lora_cases(world)
-            + argument_cases(world) + state_cases(world) + good_cases(world))
+            + argument_cases(world) + family_cases(world) + state_cases(world) + good_cases(world))
 
 
 # Flags whose good value needs partners, or a file of the world, or cannot be walked with a plain value.
@@ -771,6 +771,25 @@ def lora_cases(world: World) -> list[Case]:
                                                               "--network_dim", "4"), "good-lora.safetensors"),
     ]
     return result
+
+
+def family_cases(world: World) -> list[Case]:
+    """Flags and models of the wrong family (the world's model is SDXL)."""
+    def case(name: str, culprit: str | None, *words: str) -> Case:
+        return Case("families", name, words, culprit)
+
+    return [
+        case("SD 1.x family, SDXL single file", "does not look like an SD 1.x checkpoint", "--model_family", "sd1"),
+        case("SD 2.x family, SDXL single file", "does not look like an SD 2.x checkpoint", "--model_family", "sd2"),
+        case("SD 1.x family, SDXL diffusers folder", "does not look like an SD 1.x model", "--model_family", "sd1",
+             "--pretrained_model_name_or_path", str(world.diffusers)),
+        case("--v2 on SDXL", "--v2", "--v2"),
+        case("two text-encoder rates for SD 2.x", "--text_encoder_lr", "--model_family", "sd2",
+             "--text_encoder_lr", "1e-5", "2e-5"),
+        case("--text_encoder_lr1 for SD 1.x", "--text_encoder_lr1", "--model_family", "sd1", "--text_encoder_lr1",
+             "1e-5"),
+        case("unknown family", "--model_family", "--model_family", "sd3"),
+    ]
 
 
 def argument_cases(world: World) -> list[Case]:

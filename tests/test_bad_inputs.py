@@ -14,7 +14,7 @@ def test_every_generated_input(tiny_single_file, tiny_diffusers_dir, tmp_path, f
     generated = bad_inputs.cases(world)
     assert len(generated) > 700 and {case.category for case in generated} >= {
         "flags", "config_file", "dataset_toml", "paths", "images", "text_files", "checkpoints", "lora_files",
-        "arguments", "states", "good"}
+        "arguments", "families", "states", "good"}
     outcomes = bad_inputs.run_all(world, generated)
     report = bad_inputs.summary(outcomes)
     (tmp_path / "summary.txt").write_text(report)

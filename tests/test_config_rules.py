@@ -100,7 +100,7 @@ def test_normalisation(argv, name, expected):
       "--lr_scheduler", "cosine"],
      "--lr_warmup_steps 0.1 is not used by torch.optim.lr_scheduler.StepLR: use --lr_scheduler "
      "constant_with_warmup, or drop the warm-up"),
-    (["--v2"], "not supported yet: --v2 (SDXL has no v2: train_network.py (--model_family sd1/sd2) trains "
+    (["--v2"], "--v2 does not apply to --model_family sdxl (SDXL has no v2: train_network.py (--model_family sd1/sd2) trains "
               "SD 2.x)"),
     (["--mixed_precision", "fp32"], "argument --mixed_precision: invalid choice: 'fp32' (choose from 'no', "
                                     "'fp16', 'bf16')"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 
+from lorakit.errors import LorakitError
 from lorakit.families import family_named
 from lorakit.families.sd1 import SD_LORA
 from lorakit.network.io import read_lora, save_network
@@ -206,9 +207,9 @@ def test_model_family_comes_from_the_entry_point_or_the_flag_and_v2_picks_sd2():
     assert (sd2.model_family, sd2.v2) == ("sd2", True)
     assert parse_train_args(base + ["--model_family", "sd2"]).v2  # SD 2.x is a v2 model
     assert parse_train_args(base + ["--model_family", "sd1"]).model_family == "sd1"
-    with pytest.raises(LorakitError, match=r"^not supported yet: --v2 \(SDXL has no v2"):
+    with pytest.raises(LorakitError, match=r"^--v2 does not apply to --model_family sdxl \(SDXL has no v2"):
         parse_train_args(base + ["--v2"])
-    with pytest.raises(LorakitError, match=r"^not supported yet: --text_encoder_lr2 \(SD 1.x/2.x have one text"):
+    with pytest.raises(LorakitError, match=r"^--text_encoder_lr2 does not apply to --model_family sd1 \(SD 1.x/2.x"):
         parse_train_args(base + ["--text_encoder_lr2", "1e-5"], family="sd1")
     with pytest.raises(LorakitError, match="SD 1.x/2.x have one text encoder, so expected one rate"):
         parse_train_args(base + ["--text_encoder_lr", "1e-5", "2e-5"], family="sd1")
@@ -231,3 +232,12 @@ def test_train_package_reaches_families_only_through_the_seam():
             found |= {f"{path.name}: {name}" for name in names
                       if name.startswith("lorakit.families") and name not in allowed}
     assert not found and len(list(pathlib.Path(lorakit.train.__file__).parent.glob("*.py"))) > 10
+
+
+def test_block_wise_network_args_are_refused_for_sd_models():
+    components = random_components("tiny", seed=0, family="sd1")
+    for key, value in (("down_lr_weight", ",".join(["0.5"] * 12)), ("block_dims", ",".join(["4"] * 25))):
+        with pytest.raises(LorakitError, match=rf"^--network_args {key}: block-wise ranks and learning rates follow "
+                                               "SDXL's 23 U-Net blocks"):
+            build_network(components.unet, [components.text_encoder], network_dim=4, lora=SD_LORA,
+                          network_args={key: value})

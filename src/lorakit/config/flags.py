@@ -80,6 +80,8 @@ class Flag:
         return self.families.get(family, self.refused) if self.families else self.refused
 
     def refusal(self, family: str = "sdxl") -> str:
+        if self.families:  # a flag of some families only: refused for the others for good, not "yet"
+            return f"{self.option} does not apply to --model_family {family} ({self.refused_for(family)})"
         return f"not supported yet: {self.option} ({self.refused_for(family)})"
 
     def value_name(self) -> str:

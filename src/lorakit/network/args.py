@@ -115,10 +115,18 @@ def rank_plan(args: NetworkArgs, network_dim: int | None, network_alpha: float |
                     tuple(conv_block_dims) if conv_block_dims is not None else None, conv_block_alphas)
 
 
-def parse_network_args(values: Mapping[str, str] | None) -> NetworkArgs:
-    """Parse `--network_args` values (already split into a dict of strings) for `networks.lora`."""
+BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+              "up_lr_weight", "block_lr_zero_threshold")
+
+
+def parse_network_args(values: Mapping[str, str] | None, block_args: bool = True) -> NetworkArgs:
+    """Parse `--network_args` values (already split into a dict of strings) for `networks.lora`. Without
+    `block_args` (a family whose blocks are not SDXL's) the block-wise keys are refused."""
     fields: dict[str, object] = {}
     for key, text in (values or {}).items():
+        if key in BLOCK_KEYS and not block_args:
+            raise LorakitError(f"--network_args {key}: block-wise ranks and learning rates follow SDXL's 23 U-Net "
+                               "blocks; lorakit does not apply them to this model family yet")
         parser = _PARSERS.get(key)
         if parser is None:
             hint = "; use --network_dropout" if key in ("dropout", "neuron_dropout") else ""

@@ -13,7 +13,6 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lorakit.errors import LorakitError
 from lorakit.network.args import NetworkArgs, RankPlan, parse_network_args, rank_plan
 from lorakit.network.io import load_network_weights, save_network
 from lorakit.network.module import LoRAModule, delta_weight
@@ -208,10 +207,8 @@ def build_network(
     otherwise ranks come from `network_dim`/`network_alpha` and `network_args`. Parts that are not trained get
     no modules at all.
     """
-    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args)
-    if not lora.block_args and (args.block_dims or args.conv_block_dims or args.block_lr_weights):
-        raise LorakitError("--network_args block_dims / conv_block_dims / *_lr_weight follow SDXL's 23 U-Net blocks; "
-                           "lorakit does not apply them to this model family yet")
+    args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args,
+                                                                                         lora.block_args)
     plan = rank_plan(args, network_dim, network_alpha)
     targets = lora.targets(unet if train_unet else None, text_encoders if train_text_encoder else [],
                            ranks is not None or args.uses_conv)

@@ -123,6 +123,15 @@ class NonFiniteLoss(LorakitError):
     """The loss became NaN or infinite; the message names the batch's images and what to try."""
 
 
+def refuse_start_past_the_end(config: TrainConfig, start_step: int, max_train_steps: int) -> None:
+    if start_step >= max_train_steps:
+        where = "the resumed state's" if config.initial_step is None and config.initial_epoch is None else (
+            "--initial_step/--initial_epoch's")
+        raise LorakitError(f"the run would start at {where} step {start_step}, at or past its last step "
+                           f"{max_train_steps}: nothing to train (raise --max_train_steps or --max_train_epochs "
+                           "to go on)")
+
+
 def train(config: TrainConfig) -> TrainResult:
     # ------------------------------------------------------------------ data: every image scanned before any weights
     family = family_named(config.model_family)
@@ -139,12 +148,7 @@ def train(config: TrainConfig) -> TrainResult:
     plan = StepPlan.of(len(data), world, config.gradient_accumulation_steps, config.max_train_steps,
                        config.max_train_epochs)
     start = start_position(config, plan.steps_per_epoch, resumed, world)
-    if start.global_step >= plan.max_train_steps:
-        where = "the resumed state's" if config.initial_step is None and config.initial_epoch is None else (
-            "--initial_step/--initial_epoch's")
-        raise LorakitError(f"the run would start at {where} step {start.global_step}, at or past its last step "
-                           f"{plan.max_train_steps}: nothing to train (raise --max_train_steps or "
-                           "--max_train_epochs to go on)")
+    refuse_start_past_the_end(config, start.global_step, plan.max_train_steps)
     checked = preflight(config, family, prompts, resumed, plan.max_train_steps, accelerator.device, world)
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
