@@ -39,7 +39,7 @@ def test_every_reference_flag_is_in_the_table_and_only_four_are_added():
     assert [name for name in REFERENCE_FLAGS if name not in options] == []
     assert all(options[name].kohya for name in REFERENCE_FLAGS)
     added = {flag.option for flag in iter_flags() if not flag.kohya}
-    assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run", "--model_family"}
+    assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run", "--model_family", "--events_log"}
     assert set(options) == set(REFERENCE_FLAGS) | added
 
 
@@ -94,7 +94,9 @@ def test_help_is_grouped_in_table_order_and_lists_every_flag(capsys):
         if section + 1 < len(positions):
             assert position < positions[section + 1], flag.name
     words = " ".join(text.split())
-    assert "--v2 [not supported yet: SDXL has no v2: train_network.py (--model_family sd1/sd2) trains SD 2.x]" in words
+    assert ("--v2 [not for --model_family sdxl: SDXL has no v2: train_network.py (--model_family sd1/sd2) trains "
+            "SD 2.x]") in words
+    assert "--enable_bucket [not supported yet" not in words
     assert "--lr_warmup_steps N|RATIO|N% warm-up steps" in words  # '%' survives argparse's %-formatting
 
 
@@ -153,6 +155,14 @@ def test_unique_prefixes_work_and_ambiguous_or_unknown_flags_are_one_line():
         parse_train_args(BASE + ["--network_dim", "x"])
 
 
+def test_help_of_train_network_marks_what_sd_refuses(capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"], prog="train_network.py", family="sd1")
+    words = " ".join(capsys.readouterr().out.split())
+    assert "--v2 Stable Diffusion 2.x model" in words
+    assert "--text_encoder_lr1 X [not for --model_family sd1: " in words
+
+
 def sample_value(flag: Flag) -> list[str]:
     """Command-line words giving `flag` a valid non-default value."""
     if flag.is_switch:
@@ -167,7 +177,9 @@ def sample_value(flag: Flag) -> list[str]:
 def test_each_refused_flag_gives_its_one_line(flag):
     with pytest.raises(LorakitError) as error:
         parse_train_args(BASE + sample_value(flag))
-    assert str(error.value) == f"not supported yet: {flag.option} ({flag.refused})"
+    expected = (f"{flag.option} does not apply to --model_family sdxl ({flag.refused})" if flag.families
+                else f"not supported yet: {flag.option} ({flag.refused})")
+    assert str(error.value) == expected
     assert "\n" not in str(error.value)
 
 

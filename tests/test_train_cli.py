@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,33 @@ def test_python_m_lorakit_train_trains(tiny_single_file, two_buckets, tmp_path):
     assert saved not in result.stderr
 
 
+
+def test_events_log_records_the_start_every_step_each_save_and_the_end(tiny_single_file, two_buckets, tmp_path):
+    events_path = tmp_path / "events.jsonl"
+    result = command(sys.executable, "-m", "lorakit", "train", "--pretrained_model_name_or_path",
+                     str(tiny_single_file), "--dataset_config", str(two_buckets), "--output_dir", str(tmp_path),
+                     "--output_name", "m", "--max_train_steps", "3", "--save_every_n_steps", "2", "--network_dim",
+                     "4", "--max_data_loader_n_workers", "0", "--network_train_unet_only", "--cache_latents",
+                     "--cache_text_encoder_outputs", "--seed", "0", "--events_log", str(events_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in events_path.read_text(encoding="utf-8").splitlines()]
+    # Two images at batch size 1: an epoch is two steps, and its average is logged at its end.
+    assert [(event["event"], event.get("step")) for event in events] == [
+        ("start", None), ("log", 1), ("log", 2), ("saved", 2), ("log", 2), ("log", 3), ("log", 3), ("saved", 3),
+        ("end", None)]
+    start, end = events[0], events[-1]
+    assert (start["max_train_steps"], start["first_step"], start["output_name"]) == (3, 0, "m")
+    steps = [event for event in events if event["event"] == "log" and "loss/current" in event["values"]]
+    assert [event["step"] for event in steps] == [1, 2, 3]
+    assert all(math.isfinite(event["values"]["loss/current"]) and event["values"]["lr/unet"] > 0 for event in steps)
+    saved = [event for event in events if event["event"] == "saved"]
+    assert [(event["kind"], Path(event["path"]).name) for event in saved] == [
+        ("step", "m-step00000002.safetensors"), ("final", "m.safetensors")]
+    assert all(Path(event["path"]).is_file() for event in saved)
+    assert (end["status"], end["final"]) == ("finished", str(tmp_path / "m.safetensors"))
+    assert [event["time"] for event in events] == sorted(event["time"] for event in events)
+
+
 # ---------------------------------------------------------------------------------------------------- the flag walk
 # Every flag of the table is refused with its one line, or exercised by a named test (one that runs the behaviour,
 # not only parsing), or listed in NOT_YET_EXERCISED with the reason. The list may only shrink.
@@ -227,6 +255,7 @@ EXERCISED = {
         "test_training.py::test_persistent_data_loader_workers_train_the_weights_of_no_workers",
     "console_log_level": "test_training.py::test_console_log_level_drops_lower_levels",
     "console_log_file": "test_train_cli.py::test_python_m_lorakit_train_trains",
+    "events_log": "test_train_cli.py::test_events_log_records_the_start_every_step_each_save_and_the_end",
     "console_log_simple": "test_train_cli.py::test_python_m_lorakit_train_trains",
     "max_token_length": "test_training.py::test_text_encoder_only_trains_no_unet_lora",
     "clip_skip": SAVING, "weighted_captions": "test_training.py::test_text_encoder_only_trains_no_unet_lora",

@@ -46,7 +46,8 @@ def _row(flag: Flag) -> str:
     default = "" if flag.default is None or flag.is_switch else f"`{flag.default}`" if flag.default != "" else '`""`'
     meaning = flag.help + ("" if flag.kohya else " *(lorakit)*")
     if flag.refused:
-        meaning = f"**not supported yet**: {flag.refused}. {meaning}"
+        status, reason = flag.refusal_status().split(": ", 1)
+        meaning = f"**{status}**: {reason}. {meaning}"
     value = f"`{flag.value_name()}`" if flag.value_name() else "switch"
     accepts = str(flag.bounds) if flag.bounds else ""
     cells = (f"`{flag.option}`", value, default, accepts, meaning)

@@ -80,9 +80,16 @@ class Flag:
         return self.families.get(family, self.refused) if self.families else self.refused
 
     def refusal(self, family: str = "sdxl") -> str:
+        """The one-line error for a non-default value under `family`'s trainer."""
         if self.families:  # a flag of some families only: refused for the others for good, not "yet"
             return f"{self.option} does not apply to --model_family {family} ({self.refused_for(family)})"
         return f"not supported yet: {self.option} ({self.refused_for(family)})"
+
+    def refusal_status(self, family: str = "sdxl") -> str:
+        """How --help and the docs mark a flag that `family`'s trainer refuses."""
+        if self.families:
+            return f"not for --model_family {family}: {self.refused_for(family)}"
+        return f"not supported yet: {self.refused_for(family)}"
 
     def value_name(self) -> str:
         """How the value is written in help and docs: N, X, PATH, {a,b}, ..."""

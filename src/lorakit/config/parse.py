@@ -40,15 +40,17 @@ class _Parser(argparse.ArgumentParser):
         raise LorakitError(message)
 
 
-def build_parser(prog: str | None = None, *, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The sd-scripts-compatible parser, grouped for `--help`. With `suppress_defaults`, parsing yields only
-    the flags given (how the command line is layered over a config file)."""
+def build_parser(prog: str | None = None, *, suppress_defaults: bool = False,
+                 family: str = "sdxl") -> argparse.ArgumentParser:
+    """The sd-scripts-compatible parser, grouped for `--help` (which notes what `family`'s trainer refuses).
+    With `suppress_defaults`, parsing yields only the flags given (how the command line is layered over a config
+    file)."""
     parser = _Parser(prog=prog or "sdxl_train_network.py", description=DESCRIPTION, usage=USAGE,
                      argument_default=argparse.SUPPRESS if suppress_defaults else None,
                      formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=40))
     sections = {group: parser.add_argument_group(group.title, group.description) for group in GROUPS}
     for flag in iter_flags():
-        options: dict[str, Any] = {"dest": flag.name, "help": help_text(flag).replace("%", "%%")}
+        options: dict[str, Any] = {"dest": flag.name, "help": help_text(flag, family).replace("%", "%%")}
         if not suppress_defaults:
             options["default"] = flag.default
         if flag.is_switch:
@@ -60,8 +62,8 @@ def build_parser(prog: str | None = None, *, suppress_defaults: bool = False) ->
     return parser
 
 
-def help_text(flag: Flag) -> str:
-    """The help line of a flag: meaning, default, and status when not plainly implemented."""
+def help_text(flag: Flag, family: str = "sdxl") -> str:
+    """The help line of a flag: meaning, default, and status when `family`'s trainer refuses it."""
     text = flag.help
     if not (flag.default is None or flag.default is False or flag.default == ""):
         text += f" (default: {flag.default})"
@@ -69,8 +71,8 @@ def help_text(flag: Flag) -> str:
         text += f" [{flag.bounds}]"
     if not flag.kohya:
         text += " [lorakit]"
-    if flag.refused:
-        text = f"[not supported yet: {flag.refused}] {text}"
+    if flag.refused_for(family):
+        text = f"[{flag.refusal_status(family)}] {text}"
     return text
 
 
@@ -79,7 +81,7 @@ def parse_train_args(argv: Sequence[str], prog: str | None = None, family: str =
     the model family of the entry point: "sdxl" for sdxl_train_network.py, "sd1" for train_network.py, which
     --model_family overrides and --v2 turns into "sd2"). `--output_config` writes the file and raises
     SystemExit(0), like `--help`."""
-    given = command_line_values(argv, prog)
+    given = command_line_values(argv, prog, family)
     if given.get("output_config"):
         _refuse_unsupported(given, model_family(family, given))
         if not given.get("config_file"):
@@ -102,9 +104,9 @@ def model_family(entry: str, values: Mapping[str, Any]) -> str:
     return "sd2" if family == "sd1" and values.get("v2") else family
 
 
-def command_line_values(argv: Sequence[str], prog: str | None = None) -> dict[str, Any]:
+def command_line_values(argv: Sequence[str], prog: str | None = None, family: str = "sdxl") -> dict[str, Any]:
     """The flags given on the command line, converted (tuples for list flags); absent flags are absent."""
-    namespace, extras = build_parser(prog, suppress_defaults=True).parse_known_args(list(argv))
+    namespace, extras = build_parser(prog, suppress_defaults=True, family=family).parse_known_args(list(argv))
     if extras:
         raise LorakitError(_unrecognised(extras))
     return {name: tuple(value) if isinstance(value, list) else value for name, value in vars(namespace).items()}

@@ -334,6 +334,9 @@ class TrainConfig:
                                                  choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     console_log_file: str | None = LOGGING.flag(None, str, "log to this file instead of stderr", metavar="PATH")
     console_log_simple: bool = LOGGING.switch("plain console log format")
+    events_log: str | None = LOGGING.flag(
+        None, str, "append the run's events (progress, losses, samples, saves, its end) to this file as JSON lines, "
+        "for programs that watch the run such as lorakit ui", metavar="PATH", kohya=False)
 
     # --- metadata ---
     metadata_title: str | None = METADATA.flag(None, str, "modelspec.title (default: --output_name)")

@@ -24,9 +24,9 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 class TrainingInterrupted(SystemExit):
     """Raised by the loop after the interruption save; exits with status 130 and no traceback."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, state: Path | None = None, command: str | None = None) -> None:
         super().__init__(EXIT_CODE)
-        self.message = message
+        self.message, self.state, self.command = message, state, command
 
 
 class StopRequest:

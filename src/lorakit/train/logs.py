@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from lorakit.config import iter_flags
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path, parse_toml, read_text
+from lorakit.train.events import EventsLog
 
 DEFAULT_TRACKER_NAME = "network_train"
 # Never logged with --log_config: secrets, and paths (they name the user's machine and files).
@@ -35,7 +36,7 @@ SECRET_KEYS = frozenset(flag.name for flag in iter_flags() if flag.secret)
 PATH_KEYS = frozenset({
     "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", "train_data_dir", "conditioning_data_dir",
     "reg_data_dir", "output_dir", "logging_dir", "dataset_config", "sample_prompts", "resume", "network_weights",
-    "log_tracker_config", "console_log_file", "config_file", "output_config", "base_weights",
+    "log_tracker_config", "console_log_file", "config_file", "output_config", "base_weights", "events_log",
 })
 PATH_SUFFIXES = ("_dir", "_path", "_file")
 
@@ -128,15 +129,17 @@ class TrainingLog:
 
     `log_with`: "tensorboard", "wandb", "all" or None (TensorBoard when `logging_dir` is set, else nothing).
     `init_kwargs`: per-tracker keyword arguments (`{"tensorboard": {...}, "wandb": {...}}`, --log_tracker_config).
-    `enabled=False` (processes other than the main one) opens nothing and records nothing.
+    `enabled=False` (processes other than the main one) opens nothing and records nothing. `events`: the run's
+    --events_log, which gets every value and sample point too.
     """
 
     def __init__(self, *, logging_dir: str | Path | None = None, log_with: str | None = None,
                  log_prefix: str | None = None, tracker_name: str | None = None,
                  config: Mapping[str, Any] | None = None, wandb_run_name: str | None = None,
                  wandb_api_key: str | None = None, init_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, events: EventsLog | None = None) -> None:
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.events = events if enabled and events is not None else EventsLog(None)
         self.run_dir: Path | None = None
         self._tensorboard = None
         self._wandb = None
@@ -155,14 +158,14 @@ class TrainingLog:
                                       init_kwargs.get("wandb", {}))
 
     @classmethod
-    def from_config(cls, config: Any, *, enabled: bool = True) -> TrainingLog:
+    def from_config(cls, config: Any, *, enabled: bool = True, events: EventsLog | None = None) -> TrainingLog:
         """Built from the TrainConfig's logging flags (--logging_dir, --log_with, --log_prefix, ...)."""
         init_kwargs = _read_tracker_config(config.log_tracker_config) if config.log_tracker_config else None
         return cls(logging_dir=config.logging_dir, log_with=config.log_with, log_prefix=config.log_prefix,
                    tracker_name=config.log_tracker_name,
                    config=sanitized_config(config) if config.log_config else None,
                    wandb_run_name=config.wandb_run_name, wandb_api_key=config.wandb_api_key,
-                   init_kwargs=init_kwargs, enabled=enabled)
+                   init_kwargs=init_kwargs, enabled=enabled, events=events)
 
     def log(self, values: Mapping[str, float], step: int) -> None:
         if not self.enabled:
@@ -171,11 +174,15 @@ class TrainingLog:
             self.history.setdefault(key, []).append((step, float(value)))
             if self._tensorboard is not None:
                 self._tensorboard.add_scalar(key, value, global_step=step)
+        self.events.write("log", step=step, values={key: float(value) for key, value in values.items()})
         if self._wandb is not None:
             self._wandb.log(dict(values), step=step)
 
     def log_images(self, images: Iterable[str | Path], step: int) -> None:
-        """Sample images to wandb as `sample_{i}` (TensorBoard users open the sample folder)."""
+        """Sample images to wandb as `sample_{i}` (TensorBoard users open the sample folder) and --events_log."""
+        if not self.enabled:
+            return
+        self.events.write("samples", step=step, images=[str(Path(path).absolute()) for path in images])
         if self._wandb is not None:
             import wandb
 

@@ -106,8 +106,9 @@ def check_output_paths(config: TrainConfig) -> None:
                        ("--tokenizer_cache_dir", config.tokenizer_cache_dir)):
         if path is not None:
             writable_folder(path, flag)
-    if config.console_log_file and kind_of(config.console_log_file, "--console_log_file") not in (None, "file"):
-        raise LorakitError(f"--console_log_file {config.console_log_file}: not a regular file")
+    for flag, path in (("--console_log_file", config.console_log_file), ("--events_log", config.events_log)):
+        if path and kind_of(path, flag) not in (None, "file"):
+            raise LorakitError(f"{flag} {path}: not a regular file")
     name = config.output_name or "last"
     for part in Path(name).parts:
         if len(os.fsencode(part + LONGEST_SUFFIX)) > NAME_MAX:

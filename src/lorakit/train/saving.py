@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from lorakit.config import TrainConfig
+from lorakit.train.events import EventsLog
 from lorakit.train.interrupt import TrainingInterrupted, resume_command
 from lorakit.train.metadata import save_metadata
 from lorakit.train.optimizers import optimizer_eval_mode, optimizer_train_mode
@@ -37,8 +38,10 @@ class Checkpointer:
 
     def __init__(self, config: TrainConfig, *, network: torch.nn.Module, params: list[torch.Tensor], optimizer,
                  lr_scheduler, scaler: torch.amp.GradScaler, schedule_free: bool, metadata: dict[str, str],
-                 seed: int, num_epochs: int, max_train_steps: int, accelerator: Accelerator) -> None:
+                 seed: int, num_epochs: int, max_train_steps: int, accelerator: Accelerator,
+                 events: EventsLog | None = None) -> None:
         self.config, self.network, self.params = config, network, params
+        self.events = events or EventsLog(None)
         self.optimizer, self.lr_scheduler, self.scaler = optimizer, lr_scheduler, scaler
         self.schedule_free, self.metadata, self.accelerator = schedule_free, metadata, accelerator
         self.seed, self.num_epochs, self.max_train_steps = seed, num_epochs, max_train_steps
@@ -58,7 +61,8 @@ class Checkpointer:
         if not (step_save or stop):
             return
         path = self.names.step_file(step)
-        state_dir = self.save(path, run.epoch - 1, step, run if self.config.save_state or stop else None)
+        state_dir = self.save(path, run.epoch - 1, step, run if self.config.save_state or stop else None,
+                              kind="step" if step_save else "interrupted")
         if step_save:
             self.rotate("step", step)
         if stop:
@@ -66,20 +70,22 @@ class Checkpointer:
 
     def after_epoch(self, run: RunProgress, epoch: int) -> None:
         if should_save_epoch(epoch, self.num_epochs, self.save_every_n_epochs):
-            self.save(self.names.epoch_file(epoch), epoch, run.global_step, run if self.config.save_state else None)
+            self.save(self.names.epoch_file(epoch), epoch, run.global_step, run if self.config.save_state else None,
+                      kind="epoch")
             self.rotate("epoch", epoch)
 
     def at_end(self, run: RunProgress) -> Path:
         final = self.names.final_file()
         with_state = self.config.save_state or self.config.save_state_on_train_end
-        self.save(final, self.num_epochs, run.global_step, run if with_state else None)
+        self.save(final, self.num_epochs, run.global_step, run if with_state else None, kind="final")
         return final
 
     # ------------------------------------------------------------------ the pieces
 
-    def save(self, path: Path, epoch: int, step: int, run: RunProgress | None = None) -> Path | None:
+    def save(self, path: Path, epoch: int, step: int, run: RunProgress | None = None, kind: str = "step"
+             ) -> Path | None:
         """The LoRA file (main process) and, given the loop's progress `run`, its state folder (with every rank's
-        RNG states). Returns the state folder."""
+        RNG states). Returns the state folder. `kind` (step, epoch, final, interrupted) goes to --events_log."""
         world = self.accelerator.num_processes
         rng = gather_strings(rng_json(), all_gather if world > 1 else None) if run is not None else None
         if world > 1:
@@ -101,6 +107,8 @@ class Checkpointer:
                             lr_scheduler=self.lr_scheduler, rng=rng, scaler=self.scaler,
                             progress=run.state(self.seed, world, self.max_train_steps))
                 logger.info("saved state %s", state_dir)
+            self.events.write("saved", kind=kind, step=step, path=str(path.absolute()),
+                              state=None if state_dir is None else str(state_dir.absolute()))
         self.accelerator.wait_for_everyone()
         return state_dir
 
@@ -127,7 +135,7 @@ class Checkpointer:
         message = f"interrupted after step {step}: saved {path} and {state_dir}\nresume with:\n  {command}"
         if self.accelerator.is_main_process:
             print(message, flush=True)
-        return TrainingInterrupted(message)
+        return TrainingInterrupted(message, state=state_dir, command=command)
 
 
 def lora_bytes(network: torch.nn.Module, dtype: torch.dtype | None) -> int:

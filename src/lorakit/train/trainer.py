@@ -69,6 +69,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components, cast_model
 from lorakit.models.loading import load_vae
 from lorakit.network.apply import merge_lora
+from lorakit.train.events import EventsLog
 from lorakit.train.fused import fuse_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.interrupt import StopRequest
@@ -132,7 +133,7 @@ def refuse_start_past_the_end(config: TrainConfig, start_step: int, max_train_st
                            "to go on)")
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
     # ------------------------------------------------------------------ data: every image scanned before any weights
     family = family_named(config.model_family)
     resumed = read_resumed(config.resume)
@@ -178,13 +179,13 @@ def train(config: TrainConfig) -> TrainResult:
         config, network=network, params=opt.params, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
         scaler=opt.scaler, schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
         max_train_steps=plan.max_train_steps, accelerator=accelerator,
-        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world, family))
+        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world, family), events=events)
     if resumed is not None:
         restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
     if resumed is None and start.global_step:
         advance_scheduler(opt.lr_scheduler, start.global_step)
     run = RunProgress.starting(start, resumed, window=plan.batches_per_epoch)
-    log = TrainingLog.from_config(config, enabled=main)
+    log = TrainingLog.from_config(config, enabled=main, events=events)
     samples = SampleImages(config, prompts, models, network, checkpointer.names.output_dir, log, accelerator)
     validation = Validation(config, validation_data, models, network, step_options, seed, plan.max_train_steps,
                             log, accelerator)
@@ -198,6 +199,10 @@ def train(config: TrainConfig) -> TrainResult:
     gas = config.gradient_accumulation_steps
     bar = tqdm(total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not main,
                dynamic_ncols=True)
+    if events is not None and main:
+        events.write("start", pid=os.getpid(), max_train_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
+                     steps_per_epoch=plan.steps_per_epoch, first_step=run.global_step,
+                     output_dir=str(checkpointer.names.output_dir.absolute()), output_name=config.output_name)
     samples.maybe("first", run.global_step, start.epoch - 1)
     network.train()
     try:
