@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "demo": ("lorakit.train.demo", "train a LoRA on a tiny random SDXL model and synthetic images (about a minute)"),
     "random-model": ("lorakit.testing.cli", "write a random-weight SDXL-architecture model (tiny or full)"),
     "inspect": ("lorakit.network.inspect", "summarise a LoRA file (modules, ranks, alphas, metadata) or a checkpoint"),
+    "ui": ("lorakit.ui.cli", "a local web app to prepare, queue, watch, stop and resume runs (the ui extra)"),
 }
 
 

@@ -1,0 +1,200 @@
+"""Starting, stopping, resuming and reconciling the queue's runs.
+
+Each run is a plain `python -m lorakit train --config_file <its config.toml> --events_log <its events.jsonl>`
+process in a session of its own: stopping or killing the server leaves it training, and a server started later
+finds it again by its pid and start time. Stop sends it SIGINT, as Ctrl-C does (finish the step, save a LoRA and a
+state, exit). How a run ended is read from its events log; a process that vanished without an `end` event was
+killed, and the run is marked interrupted with the newest state it saved, so Resume can continue from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from lorakit.ui.store import ACTIVE, RESUMABLE, Run, Store
+from lorakit.ui.watch import RunWatch
+
+logger = logging.getLogger("lorakit.ui")
+
+TICK_SECONDS = 0.5
+
+
+class Supervisor:
+    """Runs the queue one run at a time (one device). `tick` does one round; `start_thread` runs it forever."""
+
+    def __init__(self, store: Store, root: Path, python: str = sys.executable,
+                 environment: dict[str, str] | None = None) -> None:
+        self.store, self.root, self.python = store, root, python
+        self.environment = environment
+        self.children: dict[int, subprocess.Popen] = {}  # processes this server started (to reap them)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def tick(self) -> None:
+        with self._lock:
+            self.reconcile()
+            if not self.store.runs(ACTIVE):
+                queued = self.store.runs(["queued"])
+                if queued:
+                    self._start(queued[0])
+
+    def start_thread(self) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - the queue must keep going; the error is logged
+                    logger.exception("queue supervisor")
+                self._stop.wait(TICK_SECONDS)
+
+        self._thread = threading.Thread(target=loop, name="lorakit-ui-queue", daemon=True)
+        self._thread.start()
+
+    def stop_thread(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def reconcile(self) -> None:
+        """Every running or stopping run whose process is gone gets its final status."""
+        for run in self.store.runs(ACTIVE):
+            child = self.children.get(run.id)
+            exit_code = child.poll() if child is not None else None
+            if child is not None and exit_code is None:
+                continue
+            if child is None and process_alive(run.pid, run.pid_started):
+                continue
+            self.children.pop(run.id, None)
+            self._finish(run, exit_code)
+
+    def _finish(self, run: Run, exit_code: int | None) -> None:
+        watch = RunWatch.of(run.events_path)
+        end = watch.end or {}
+        state = end.get("state") or newest_state(watch)
+        if end.get("status") == "finished":
+            status, message = "finished", f"saved {end.get('final')}"
+        elif end.get("status") == "stopped":
+            status = "stopped"
+            message = (f"stopped and saved; resume with: {end['resume']}" if end.get("resume") and state
+                       else "stopped before training started: nothing was saved")
+        elif end.get("status") == "failed":
+            status, message = "failed", end.get("error") or f"exit code {exit_code}"
+        elif exit_code is not None and exit_code > 0:
+            status, message = "failed", f"exit code {exit_code}: {last_error_line(run)}"
+        else:  # killed by a signal, or gone while no server watched it
+            how = f"killed by {signal.Signals(-exit_code).name}" if exit_code else "ended without saying how"
+            status = "interrupted"
+            message = f"the process {how}" + (f"; Resume continues from {state}" if state
+                                               else "; no state was saved")
+        self.store.transition(run.id, ACTIVE, status, ended=time.time(), exit_code=exit_code, state=state,
+                              message=message, pid=None)
+
+    def _start(self, run: Run) -> None:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        argv = [self.python, "-m", "lorakit", "train", *run.argv, "--events_log", str(run.events_path)]
+        environment = dict(os.environ if self.environment is None else self.environment)
+        environment["PYTHONUNBUFFERED"] = "1"
+        with open(run.log_path, "ab") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            child = subprocess.Popen(argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=environment)
+        self.children[run.id] = child
+        started = psutil.Process(child.pid).create_time()
+        if not self.store.transition(run.id, ["queued"], "running", pid=child.pid, pid_started=started,
+                                     started=time.time()):
+            os.killpg(child.pid, signal.SIGKILL)  # cancelled while it was being started
+
+    # ------------------------------------------------------------------ what the page asks for
+
+    def stop(self, run_id: int) -> str:
+        """Stop a running run as Ctrl-C does; take a queued one out of the queue. Repeating it does nothing."""
+        with self._lock:
+            run = self.store.get(run_id)
+            if run is None:
+                return "no such run"
+            if self.store.transition(run_id, ["queued"], "cancelled", ended=time.time(),
+                                     message="cancelled before it started"):
+                return "cancelled"
+            if self.store.transition(run_id, ["running"], "stopping"):
+                try:
+                    os.killpg(run.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
+                except ProcessLookupError:
+                    pass  # it ended meanwhile: the next tick says how
+                return "stopping"
+            return run.status
+
+    def resume(self, run_id: int) -> Run | None:
+        """Queue the run's continuation from its last state (once: asking again gives the same queued run)."""
+        with self._lock:
+            run = self.store.get(run_id)
+            if run is None or run.status not in RESUMABLE or not run.state:
+                return None
+            for other in self.store.runs():
+                if other.resume_of == run_id and other.status in ("queued", *ACTIVE):
+                    return other
+            argv = without_resume(run.argv) + ["--resume", run.state]
+            return self.store.add(name=run.name, command=command_text(argv), output_dir=run.output_dir,
+                                  folder_of=self.folder_of, prepare=lambda folder: argv, resume_of=run_id)
+
+    def folder_of(self, run_id: int) -> Path:
+        return self.root / ".lorakit-ui" / "runs" / f"{run_id:05d}"
+
+
+def process_alive(pid: int | None, started: float | None) -> bool:
+    """Whether `pid` is still the process that was started at `started` (pids are reused)."""
+    if pid is None:
+        return False
+    try:
+        process = psutil.Process(pid)
+        return (process.status() != psutil.STATUS_ZOMBIE
+                and (started is None or abs(process.create_time() - started) < 1))
+    except psutil.Error:
+        return False
+
+
+def newest_state(watch: RunWatch) -> str | None:
+    """The newest state folder the run saved that still exists."""
+    for save in reversed(watch.saves):
+        if save.get("state") and Path(save["state"]).is_dir():
+            return save["state"]
+    return None
+
+
+def last_error_line(run: Run) -> str:
+    from lorakit.ui.watch import tail_lines
+
+    lines = tail_lines(run.log_path, 20)
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def without_resume(argv: list[str]) -> list[str]:
+    """`argv` without its --resume (a resumed run resumed again continues from the newer state)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif not word.startswith("--resume="):
+            kept.append(word)
+    return kept
+
+
+def command_text(argv: list[str]) -> str:
+    """The run as sd-scripts users type it."""
+    return shlex.join(["sdxl_train_network.py", *argv])
