@@ -855,6 +855,16 @@ def argument_cases(world: World) -> list[Case]:
         case("good block weights", None, "--network_args", "down_lr_weight=cosine+.25", "mid_lr_weight=1,1,1",
              "up_lr_weight=linear", "--network_dim", "2"),
         case("good LoRA+", None, "--network_args", "loraplus_lr_ratio=16"),
+        case("unknown algo", "algo", "--network_args", "algo=ia3"),
+        case("DoRA on LoHa", "dora_wd", "--network_args", "algo=loha", "dora_wd=True"),
+        case("Tucker LoKr", "use_tucker", "--network_args", "algo=lokr", "use_tucker=True"),
+        case("LoKr factor 0", "factor", "--network_args", "algo=lokr", "factor=0"),
+        case("dropout with LoHa", "--network_dropout", "--network_args", "algo=loha", "--network_dropout", "0.1"),
+        case("max norm with LoKr", "--scale_weight_norms", "--network_args", "algo=lokr", "--scale_weight_norms",
+             "1"),
+        case("good DoRA", None, "--network_args", "algo=lora", "dora_wd=True", "conv_dim=2"),
+        case("good LoHa", None, "--network_args", "algo=loha", "conv_dim=2", "rank_dropout=0.1"),
+        case("good LoKr", None, "--network_args", "algo=lokr", "factor=4", "conv_dim=2"),
     ]
 
 

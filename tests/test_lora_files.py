@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -255,11 +254,14 @@ def test_plugins_resolve_lorakit_lycoris_and_any_sd_scripts_module(tiny, tmp_pat
     network = create_network("networks.lora", unet=unet, text_encoders=[tiny.text_encoder1, tiny.text_encoder2],
                              network_dim=4, network_alpha=1, train_text_encoder=False)
     assert isinstance(network, LoRANetwork) and len(network.loras) == len(network.loras_of("unet"))
-    if "lycoris" not in sys.modules:
-        monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
-        with pytest.raises(LorakitError, match=r"pip install 'lorakit\[lycoris\]'"):
-            create_network("lycoris.kohya", unet=unet, text_encoders=[])
-        monkeypatch.undo()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # as without lycoris-lora
+    native = create_network("lycoris.kohya", unet=unet, text_encoders=[], network_dim=4, network_alpha=1,
+                            network_args={"algo": "loha"}, train_text_encoder=False)
+    assert isinstance(native, LoRANetwork) and native.kinds == {"loha"}
+    assert any(lora.is_conv and lora.base.kernel_size == (3, 3) for lora in native.loras)  # LyCORIS' conv_dim
+    with pytest.raises(LorakitError, match=r"pip install 'lorakit\[lycoris\]'"):
+        create_network("lycoris.locon", unet=unet, text_encoders=[])
+    monkeypatch.undo()
     (tmp_path / "my_adapter.py").write_text(
         "def create_network(multiplier, network_dim, network_alpha, vae, text_encoders, unet, **kwargs):\n"
         "    return ('called', multiplier, network_dim, network_alpha, len(text_encoders), sorted(kwargs))\n")

@@ -172,8 +172,9 @@ class TrainConfig:
                                         bounds=AT_LEAST_0)
     network_dropout: float | None = NETWORK.flag(None, number, "dropout on the LoRA down output while training",
                                                  bounds=FRACTION)
-    network_args: tuple[str, ...] | None = NETWORK.flag(None, str, "extra network options", many=True,
-                                                        metavar="KEY=VALUE")
+    network_args: tuple[str, ...] | None = NETWORK.flag(
+        None, str, "extra network options (conv_dim, block_dims, algo=lora|dora|loha|lokr, ...: "
+        "docs/network-types.md)", many=True, metavar="KEY=VALUE")
     network_weights: str | None = NETWORK.flag(None, str, "LoRA file to start from", metavar="PATH")
     dim_from_weights: bool = NETWORK.switch("take ranks and alphas from --network_weights")
     network_train_unet_only: bool = NETWORK.switch("LoRA on the U-Net only")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
-from lorakit.network.io import check_shapes, file_ranks, read_lora
+from lorakit.network.io import check_shapes, file_modules, read_lora
 from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.targets import SDXL_LORA, LoRALayout, to_sgm_names
 
@@ -46,15 +46,15 @@ def network_from_file(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
 
     `kwargs` go to `build_network` (dropout, network_args for block LR weights, train_unet, ...).
     """
-    ranks = file_ranks(state, path)
-    if not ranks:
-        raise LorakitError(f"{path}: no LoRA modules in it (no <name>.lora_down.weight tensors among its "
-                           f"{len(state)}); expected a LoRA file")
-    network = build_network(unet, [m for m in text_encoders if m is not None], ranks=ranks, **kwargs)
-    if not network.loras and ranks:
-        raise LorakitError(f"{path}: none of its {len(ranks)} LoRA modules matches an SDXL layer (first "
-                           f"{next(iter(ranks))!r}); is it a LoRA for another architecture?")
-    unused = set(ranks) - {lora.lora_name for lora in network.loras}
+    modules = file_modules(state, path)
+    if not modules:
+        raise LorakitError(f"{path}: no LoRA modules in it (no <name>.lora_down.weight, hada_w1_b or lokr_w1 "
+                           f"tensors among its {len(state)}); expected a LoRA file")
+    network = build_network(unet, [m for m in text_encoders if m is not None], modules=modules, **kwargs)
+    if not network.loras and modules:
+        raise LorakitError(f"{path}: none of its {len(modules)} LoRA modules matches a layer of this model (first "
+                           f"{next(iter(modules))!r}); is it a LoRA for another architecture?")
+    unused = set(modules) - {lora.lora_name for lora in network.loras}
     if unused:
         logger.warning("%s: %d LoRA modules match no layer of these models, e.g. %s", path, len(unused), min(unused))
     return network

@@ -1,7 +1,9 @@
-"""`--network_args` of `networks.lora` (sd-scripts' `networks/lora.py`, `create_network`), parsed into one typed object.
+"""`--network_args` of `networks.lora` (sd-scripts' `networks/lora.py`, `create_network`) and of LyCORIS'
+`lycoris.kohya` as lorakit serves it natively, parsed into one typed object.
 
 Values arrive as strings (`key=value`, split on the first `=`). Unlike sd-scripts, an unknown key or a
-list of the wrong length is an error naming the key, not silently ignored.
+list of the wrong length is an error naming the key, not silently ignored. `algo` picks the module kind (lora,
+dora, loha, lokr; LyCORIS' `locon` is lora, and `dora_wd=True` makes lora a DoRA).
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class NetworkArgs:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    algo: str = "lora"
+    dora_wd: bool = False
+    factor: int = -1
+
+    @property
+    def kind(self) -> str:
+        """The module kind: lora, dora, loha or lokr."""
+        return "dora" if self.algo == "lora" and self.dora_wd else self.algo
 
     @property
     def block_lr_weights(self) -> tuple[float, ...] | None:
@@ -127,13 +137,82 @@ def parse_network_args(values: Mapping[str, str] | None, block_args: bool = True
         if key in BLOCK_KEYS and not block_args:
             raise LorakitError(f"--network_args {key}: block-wise ranks and learning rates follow SDXL's 23 U-Net "
                                "blocks; lorakit does not apply them to this model family yet")
+        if key in NOT_BUILT:
+            _refuse_unless_default(key, str(text).strip())
+            continue
         parser = _PARSERS.get(key)
         if parser is None:
             hint = "; use --network_dropout" if key in ("dropout", "neuron_dropout") else ""
             raise LorakitError(f"--network_args: unknown key {key!r} for networks.lora{hint}; "
                                f"expected one of {', '.join(sorted(_PARSERS))}")
         fields[key] = parser(key, str(text).strip())
-    return NetworkArgs(**fields)
+    args = NetworkArgs(**fields)
+    _check_kind(args)
+    return args
+
+
+# LyCORIS keys lorakit's native modules do not build: refused by name rather than ignored.
+NOT_BUILT = {
+    **{key: "Tucker-decomposed convolutions are not built natively"
+       for key in ("use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp")},
+    "use_scalar": "the trained scalar is not built natively",
+    "decompose_both": "LoKr with both factors decomposed is not built natively",
+    "rs_lora": "rank-stabilised scaling is not built natively",
+    "bypass_mode": "lorakit's modules always add their branch to the layer's output",
+    "preset": "lorakit's native modules train networks.lora's layers (conv layers with conv_dim)",
+    "train_norm": "normalisation layers are not trained natively",
+    "wd_on_output": "DoRA's magnitude is per output channel, as LyCORIS' default",
+    "full_matrix": "LoKr keeps w2 whole only where its rank would not save anything, as LyCORIS decides",
+    "unbalanced_factorization": "LoKr factors are balanced, as LyCORIS' default",
+    "rank_dropout_scale": "rank dropout rescales by 1/(1-p), as sd-scripts' LoRA does",
+    "constraint": "OFT is not built natively", "rescaled": "OFT is not built natively",
+}
+
+
+def _check_kind(args: NetworkArgs) -> None:
+    if args.dora_wd and args.algo not in ("lora", "dora"):
+        raise LorakitError(f"--network_args dora_wd=True: DoRA is built on LoRA (algo=lora dora_wd=True or "
+                           f"algo=dora), not on algo={args.algo}")
+    if args.kind in ("loha", "lokr") and any(ratio for ratio in (args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio,
+                                                                 args.loraplus_text_encoder_lr_ratio)):
+        raise LorakitError(f"--network_args loraplus_*: LoRA+ raises the rate of LoRA's up matrices; "
+                           f"algo={args.algo} has none")
+    if args.factor != -1 and args.kind != "lokr":
+        raise LorakitError(f"--network_args factor={args.factor}: the Kronecker factor applies to algo=lokr only")
+
+
+def _algo(key: str, text: str) -> str:
+    algo = {"locon": "lora"}.get(text.lower(), text.lower())
+    if algo not in ("lora", "dora", "loha", "lokr"):
+        hint = " (install lycoris-lora and use --network_module lycoris.kohya for it)" if text.lower() in (
+            "ia3", "oft", "boft", "glora", "full", "diag-oft", "dylora", "tlora") else ""
+        raise LorakitError(f"--network_args algo={text!r}: expected lora, locon, dora, loha or lokr{hint}")
+    return algo
+
+
+def _boolean(key: str, text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise LorakitError(f"--network_args {key}={text!r}: expected True or False")
+    return text.lower() in ("true", "1")
+
+
+def _factor(key: str, text: str) -> int:
+    value = _number(key, text, int, -1, MAX_RANK)
+    if value == 0:
+        raise LorakitError(f"--network_args {key}=0: expected -1 (the most balanced split) or a positive factor")
+    return value
+
+
+LYCORIS_TRUE_BY_DEFAULT = ("disable_conv_cp", "wd_on_output")
+
+
+def _refuse_unless_default(key: str, text: str) -> None:
+    """A LyCORIS switch at its default value asks for nothing; any other value is refused."""
+    default = "true" if key in LYCORIS_TRUE_BY_DEFAULT else "false"
+    if text.lower() in (default, {"true": "1", "false": "0"}[default]):
+        return
+    raise LorakitError(f"--network_args {key}={text}: {NOT_BUILT[key]} (install lycoris-lora and use "
+                       "--network_module lycoris.kohya for it)")
 
 
 def _number(key: str, text: str, kind: type, low: float = 0, high: float = math.inf) -> int | float:
@@ -233,4 +312,7 @@ _PARSERS = {
     "loraplus_lr_ratio": _ratio,
     "loraplus_unet_lr_ratio": _ratio,
     "loraplus_text_encoder_lr_ratio": _ratio,
+    "algo": _algo,
+    "dora_wd": _boolean,
+    "factor": _factor,
 }

@@ -21,6 +21,9 @@ METADATA_SUMMARY_KEYS = (
     "ss_training_started_at", "ss_training_finished_at", "modelspec.architecture", "modelspec.title",
     "modelspec.resolution", "modelspec.implementation_version", "sshs_model_hash", "sshs_legacy_hash",
 )
+# The tensor that marks a module of each kind (LyCORIS' kohya format); a DoRA is a LoRA with a dora_scale.
+MODULE_KEYS = {"lora_down.weight": "lora", "hada_w1_b": "loha", "lokr_w1": "lokr"}
+TYPE_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 PART_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"))
 
 
@@ -45,23 +48,34 @@ def inspect_file(path: str) -> dict:
 def summarize_lora(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], alphas: Mapping[str, float],
                    metadata: Mapping[str, str]) -> dict:
     """Counts of a LoRA file in the sd-scripts format; pure, from names, shapes, dtypes and alpha values."""
-    modules, ranks, conv = Counter(), Counter(), Counter()
+    modules, ranks, conv, types = Counter(), Counter(), Counter(), Counter()
     diffusers_style = False
     for key, shape in shapes.items():
         name, _, rest = key.partition(".")
-        if rest != "lora_down.weight":
+        if rest not in MODULE_KEYS:
             continue
+        kind = MODULE_KEYS[rest]
+        if kind == "lora" and f"{name}.dora_scale" in shapes:
+            kind = "dora"
         part = next((p for prefix, p in PART_PREFIXES if name.startswith(prefix)), "other")
         modules[part] += 1
-        ranks[shape[0]] += 1
-        if len(shape) == 4:
-            conv[f"{shape[2]}x{shape[3]}"] += 1
+        types[kind] += 1
+        if kind == "lokr":
+            factored = shapes.get(f"{name}.lokr_w2_a")
+            ranks[factored[1] if factored else "full"] += 1
+            kernel = shapes.get(f"{name}.lokr_w2", ())[2:]
+        else:
+            ranks[shape[0]] += 1
+            kernel = shape[2:] if kind != "loha" else ()
+        if len(kernel) == 2:
+            conv[f"{kernel[0]}x{kernel[1]}"] += 1
         diffusers_style |= name.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_"))
     return {
         "kind": "lora",
+        "types": dict(sorted(types.items())),
         "tensors": len(shapes),
         "modules": dict(sorted(modules.items())),
-        "ranks": {str(rank): count for rank, count in sorted(ranks.items())},
+        "ranks": {str(rank): count for rank, count in sorted(ranks.items(), key=lambda item: str(item[0]).zfill(9))},
         "alphas": {_number(alpha): count for alpha, count in sorted(Counter(alphas.values()).items())},
         "dtypes": dict(sorted(Counter(dtypes.values()).items())),
         "conv_layers": dict(sorted(conv.items())),
@@ -94,7 +108,8 @@ def summarize_checkpoint(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['file']}: {summary['kind']}, {summary['tensors']} tensors"]
     if summary["kind"] == "lora":
-        lines.append("modules: " + ", ".join(f"{part} {n}" for part, n in summary["modules"].items()))
+        lines.append("modules: " + ", ".join(f"{part} {n}" for part, n in summary["modules"].items())
+                     + "; types: " + _counts({TYPE_NAMES[kind]: n for kind, n in summary["types"].items()}))
         lines.append("ranks: " + _counts(summary["ranks"]) + "; alphas: " + _counts(summary["alphas"]))
         lines.append("dtypes: " + _counts(summary["dtypes"]))
         conv = summary["conv_layers"]

@@ -24,6 +24,7 @@ from lorakit import __version__
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_path
 from lorakit.hashing import sshs_legacy_hash, sshs_model_hash
+from lorakit.network.module import ModuleSpec
 from lorakit.network.targets import SDXL_LORA, LoRALayout
 
 logger = logging.getLogger(__name__)
@@ -165,21 +166,40 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
         raise LorakitError(f"{path}: cannot read as a LoRA file ({type(error).__name__}: {error})") from None
 
 
-def file_ranks(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, tuple[int, float]]:
-    """lora_name -> (rank, alpha) from a LoRA tensor dict; alpha defaults to the rank (old files)."""
-    ranks = {}
-    for key, value in state.items():
-        name, _, rest = key.partition(".")
-        if rest == "lora_down.weight":
-            if value.dim() not in (2, 4):
-                raise LorakitError(f"{source}: tensor {key} has shape {tuple(value.shape)}; a lora_down weight is "
-                                   "2-D (Linear) or 4-D (Conv2d)")
-            alpha = state.get(f"{name}.alpha")
-            if alpha is not None and alpha.numel() != 1:
-                raise LorakitError(f"{source}: tensor {name}.alpha has shape {tuple(alpha.shape)}; expected one "
-                                   "number")
-            ranks[name] = (value.shape[0], float(alpha) if alpha is not None else float(value.shape[0]))
-    return ranks
+def file_modules(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, ModuleSpec]:
+    """lora_name -> its kind, rank and alpha, from the tensor names and shapes of a LoRA, DoRA, LoHa or LoKr file
+    (LyCORIS' kohya format); alpha defaults to the rank (old files)."""
+    modules = {}
+    names = {key.partition(".")[0] for key in state}
+    for name in sorted(names):
+        def tensor(suffix: str) -> Tensor | None:
+            return state.get(f"{name}.{suffix}")
+
+        if (down := tensor("lora_down.weight")) is not None:
+            if down.dim() not in (2, 4):
+                raise LorakitError(f"{source}: tensor {name}.lora_down.weight has shape {tuple(down.shape)}; a "
+                                   "lora_down weight is 2-D (Linear) or 4-D (Conv2d)")
+            algo, rank, extra = ("dora" if tensor("dora_scale") is not None else "lora"), down.shape[0], {}
+        elif (w1_b := tensor("hada_w1_b")) is not None:
+            algo, rank, extra = "loha", _dims(source, f"{name}.hada_w1_b", w1_b, 2)[0], {}
+        elif (w1 := tensor("lokr_w1")) is not None:
+            w2_a = tensor("lokr_w2_a")
+            rank = _dims(source, f"{name}.lokr_w2_a", w2_a, 2)[1] if w2_a is not None else 1
+            algo = "lokr"
+            extra = {"w1_shape": tuple(_dims(source, f"{name}.lokr_w1", w1, 2)), "factored_w2": w2_a is not None}
+        else:
+            continue
+        alpha = tensor("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise LorakitError(f"{source}: tensor {name}.alpha has shape {tuple(alpha.shape)}; expected one number")
+        modules[name] = ModuleSpec(algo, rank, float(alpha) if alpha is not None else float(rank), **extra)
+    return modules
+
+
+def _dims(source: str | os.PathLike, key: str, tensor: Tensor, dims: int) -> tuple[int, ...]:
+    if tensor.dim() != dims:
+        raise LorakitError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}; expected {dims} dimensions")
+    return tuple(tensor.shape)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from torch import nn
 
 from lorakit.network.args import NetworkArgs, RankPlan, parse_network_args, rank_plan
 from lorakit.network.io import load_network_weights, save_network
-from lorakit.network.module import LoRAModule, delta_weight
+from lorakit.errors import LorakitError
+from lorakit.network.module import ALGOS, AdapterModule, ModuleSpec, delta_weight
 from lorakit.network.targets import SDXL_LORA, LoRALayout, Target, block_index
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ PART_GROUP_NAMES = {"te": "textencoder", "te1": "textencoder1", "te2": "textenco
 
 
 class LoRANetwork(nn.Module):
-    def __init__(self, loras: Sequence[LoRAModule], parts: Mapping[str, str], args: NetworkArgs = NetworkArgs(),
+    def __init__(self, loras: Sequence[AdapterModule], parts: Mapping[str, str], args: NetworkArgs = NetworkArgs(),
                  multiplier: float = 1.0) -> None:
         super().__init__()
         self.args = args
@@ -36,13 +37,18 @@ class LoRANetwork(nn.Module):
     # -- lorakit API ------------------------------------------------------------------------------------------
 
     @property
-    def loras(self) -> list[LoRAModule]:
-        return [module for module in self.children() if isinstance(module, LoRAModule)]
+    def loras(self) -> list[AdapterModule]:
+        """Every module, whatever its kind (LoRA, DoRA, LoHa, LoKr)."""
+        return [module for module in self.children() if isinstance(module, AdapterModule)]
 
-    def part_of(self, lora: LoRAModule) -> str:
+    @property
+    def kinds(self) -> set[str]:
+        return {lora.algo for lora in self.loras}
+
+    def part_of(self, lora: AdapterModule) -> str:
         return self._parts[lora.lora_name]
 
-    def loras_of(self, part: str) -> list[LoRAModule]:
+    def loras_of(self, part: str) -> list[AdapterModule]:
         return [lora for lora in self.loras if self._parts[lora.lora_name] == part]
 
     def module_counts(self) -> str:
@@ -91,7 +97,7 @@ class LoRANetwork(nn.Module):
             if weights is None:
                 groups += _lora_groups(PART_GROUP_NAMES[part], loras, lr, self.args.loraplus_ratio(part))
                 continue
-            blocks: dict[int, list[LoRAModule]] = {}
+            blocks: dict[int, list[AdapterModule]] = {}
             for lora in loras:
                 blocks.setdefault(block_index(lora.lora_name), []).append(lora)
             for block, block_loras in sorted(blocks.items()):
@@ -171,7 +177,7 @@ class LoRANetwork(nn.Module):
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
 
-def _lora_groups(name: str, loras: Sequence[LoRAModule], lr: float | None, plus_ratio: float | None) -> list[dict]:
+def _lora_groups(name: str, loras: Sequence[AdapterModule], lr: float | None, plus_ratio: float | None) -> list[dict]:
     plain = [p for lora in loras for key, p in lora.named_parameters() if not (plus_ratio and "lora_up" in key)]
     plus = [lora.lora_up.weight for lora in loras] if plus_ratio else []
     groups = []
@@ -197,29 +203,41 @@ def build_network(
     multiplier: float = 1.0,
     train_unet: bool = True,
     train_text_encoder: bool = True,
-    ranks: Mapping[str, tuple[int, float]] | None = None,
+    modules: Mapping[str, ModuleSpec] | None = None,
     lora: LoRALayout = SDXL_LORA,
 ) -> LoRANetwork:
-    """Create the LoRA modules for a family's models (not yet attached; call `network.attach()`); `lora` is the
+    """Create the modules for a family's models (not yet attached; call `network.attach()`); `lora` is the
     family's layers and names (SDXL's by default).
 
-    `ranks` (lora_name -> (rank, alpha)) builds exactly the modules a file holds (`--dim_from_weights`);
-    otherwise ranks come from `network_dim`/`network_alpha` and `network_args`. Parts that are not trained get
-    no modules at all.
+    `modules` (lora_name -> kind, rank, alpha) builds exactly the modules a file holds (`--dim_from_weights`);
+    otherwise the kind comes from `network_args` (algo, dora_wd, factor) and ranks from `network_dim`/`network_alpha`
+    and `network_args`. Parts that are not trained get no modules at all.
     """
     args = network_args if isinstance(network_args, NetworkArgs) else parse_network_args(network_args,
                                                                                          lora.block_args)
     plan = rank_plan(args, network_dim, network_alpha)
     targets = lora.targets(unet if train_unet else None, text_encoders if train_text_encoder else [],
-                           ranks is not None or args.uses_conv)
+                           modules is not None or args.uses_conv)
+    options = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": args.rank_dropout,
+               "module_dropout": args.module_dropout}
     loras, parts = [], {}
     for target in targets:
-        rank, alpha = ranks.get(target.lora_name, (0, None)) if ranks is not None else _planned(plan, target)
-        if not rank:
-            continue
-        loras.append(LoRAModule(target.lora_name, target.module, rank, alpha, multiplier=multiplier,
-                                dropout=dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout))
+        if modules is not None:
+            spec = modules.get(target.lora_name)
+            if spec is None:
+                continue
+            loras.append(spec.build(target.lora_name, target.module, **options))
+        else:
+            rank, alpha = _planned(plan, target)
+            if not rank:
+                continue
+            kind_options = {"factor": args.factor} if args.kind == "lokr" else {}
+            loras.append(ALGOS[args.kind](target.lora_name, target.module, rank, alpha, **options, **kind_options))
         parts[target.lora_name] = target.part
+    weight_kinds = sorted({lora.algo for lora in loras} & {"loha", "lokr"})
+    if dropout and weight_kinds:
+        raise LorakitError(f"--network_dropout drops LoRA's rank activations; {weight_kinds[0]} modules build the "
+                           "weight change instead (use --network_args rank_dropout= or module_dropout=)")
     return LoRANetwork(loras, parts, args, multiplier)
 
 

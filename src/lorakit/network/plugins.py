@@ -1,4 +1,6 @@
-"""--network_module: `networks.lora` is lorakit's own network; other modules follow sd-scripts' plug-in contract.
+"""--network_module: `networks.lora` is lorakit's own network; `lycoris.kohya` is served by lorakit's own modules
+(LoRA/LoCon, DoRA, LoHa, LoKr) when the lycoris-lora package is not installed, and by the package when it is;
+other modules follow sd-scripts' plug-in contract.
 
 A plug-in module exposes `create_network(multiplier, network_dim, network_alpha, vae, text_encoders, unet,
 **kwargs)` and returns a network with sd-scripts' API (`apply_to`, `prepare_optimizer_params`, `load_weights`,
@@ -22,6 +24,7 @@ from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.targets import SDXL_LORA, LoRALayout
 
 LORAKIT_MODULE = "networks.lora"
+LYCORIS_MODULE = "lycoris.kohya"
 EXTRAS = {"lycoris": "lycoris"}  # top-level package -> lorakit extra that installs it
 
 
@@ -115,7 +118,9 @@ def create_network(
     """Build the network named by --network_module. lorakit's own network gets no modules for parts not trained
     (`lora`: the family's layers and names); a plug-in gets all models and returns its own network (which
     `PluginNetwork` puts behind `TrainableNetwork`)."""
-    if network_module == LORAKIT_MODULE:
+    if served_natively(network_module):
+        if network_module == LYCORIS_MODULE:
+            network_args, dropout = lycoris_defaults(network_args, network_dim, network_alpha, dropout)
         return build_network(unet, text_encoders, network_dim=network_dim, network_alpha=network_alpha,
                              dropout=dropout, network_args=network_args, multiplier=multiplier,
                              train_unet=train_unet, train_text_encoder=train_text_encoder, lora=lora)
@@ -124,6 +129,31 @@ def create_network(
     kwargs.setdefault("dropout", dropout)  # sd-scripts' trainer does the same (a LyCORIS workaround)
     return module.create_network(multiplier, network_dim, network_alpha, vae, list(text_encoders), unet,
                                  neuron_dropout=dropout, **kwargs)
+
+
+def served_natively(network_module: str | None) -> bool:
+    """Whether lorakit's own modules build this --network_module's network."""
+    module = network_module or LORAKIT_MODULE
+    return module == LORAKIT_MODULE or (module == LYCORIS_MODULE and importlib.util.find_spec("lycoris") is None)
+
+
+def lycoris_defaults(network_args: Mapping[str, str] | None, network_dim: int | None, network_alpha: float | None,
+                     dropout: float | None) -> tuple[dict[str, str], float | None]:
+    """LyCORIS' `create_network` defaults (`lycoris/kohya.py`): conv layers at the network's rank and alpha, and
+    `dropout=` as the rank-activation dropout (what --network_dropout is)."""
+    args = dict(network_args or {})
+    args.setdefault("conv_dim", str(network_dim or 4))
+    args.setdefault("conv_alpha", str(1.0 if network_alpha is None else network_alpha))
+    if "dropout" in args:
+        text = args.pop("dropout")
+        try:
+            value = float(text)
+        except ValueError:
+            raise LorakitError(f"--network_args dropout={text!r}: expected a probability in [0, 1)") from None
+        if not 0 <= value < 1:
+            raise LorakitError(f"--network_args dropout={text!r}: expected a probability in [0, 1)")
+        dropout = dropout if dropout else value or None
+    return args, dropout
 
 
 def import_network_module(name: str):

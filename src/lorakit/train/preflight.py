@@ -37,7 +37,7 @@ from lorakit.models.loading import check_hub_model, is_hub_id
 from lorakit.network.apply import file_network
 from lorakit.network.io import match_network_weights
 from lorakit.network.network import LoRANetwork
-from lorakit.network.plugins import LORAKIT_MODULE, import_network_module
+from lorakit.network.plugins import import_network_module, served_natively
 from lorakit.train.fused import check_fused_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.logs import check_logging
@@ -157,7 +157,7 @@ def rehearse_network(config: TrainConfig, family: ModelFamily, model: Components
     plug-in's network (its module is imported; it builds its network at set-up)."""
     train_unet = not config.network_train_text_encoder_only
     train_text_encoder = not config.network_train_unet_only
-    if (config.network_module or LORAKIT_MODULE) != LORAKIT_MODULE:
+    if not served_natively(config.network_module):
         import_network_module(config.network_module)
         return None
     encoders = model.text_encoders if train_text_encoder else []
@@ -171,6 +171,9 @@ def rehearse_network(config: TrainConfig, family: ModelFamily, model: Components
     if not network.loras:
         raise LorakitError("the network has no LoRA modules: nothing to train (check --network_args and "
                            "--network_train_*_only)")
+    if config.scale_weight_norms and network.kinds - {"lora"}:
+        raise LorakitError(f"--scale_weight_norms applies to LoRA's up and down matrices, not to "
+                           f"{', '.join(sorted(network.kinds - {'lora'}))} modules")
     return network
 
 

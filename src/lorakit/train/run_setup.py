@@ -16,7 +16,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.float8 import store_in_float8
 from lorakit.network.apply import network_from_file
 from lorakit.network.io import read_lora
-from lorakit.network.plugins import LORAKIT_MODULE, PluginNetwork, TrainableNetwork, create_network
+from lorakit.network.plugins import LORAKIT_MODULE, PluginNetwork, TrainableNetwork, create_network, served_natively
 from lorakit.network.targets import LoRALayout
 from lorakit.train.optimizers import BuiltOptimizer, build_optimizer
 from lorakit.train.schedulers import build_scheduler
@@ -121,7 +121,7 @@ def new_network(config: TrainConfig, lora: LoRALayout, unet, text_encoders, vae,
                              network_dim=config.network_dim, network_alpha=config.network_alpha,
                              dropout=config.network_dropout, network_args=args, train_unet=train_unet,
                              train_text_encoder=train_text_encoder, lora=lora)
-    if module == LORAKIT_MODULE:
+    if served_natively(module):
         return network
     return PluginNetwork(network, text_encoders, unet, train_text_encoder, train_unet)
 
