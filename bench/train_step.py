@@ -143,7 +143,8 @@ def run_child(spec: dict) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import lorakit.train.trainer as trainer
+    import lorakit.train.run_setup as run_setup
+    from lorakit.families.base import ModelFamily
     from lorakit.train.cli import main as train_main
 
     started = time.perf_counter()
@@ -154,7 +155,7 @@ def run_child(spec: dict) -> None:
     sampler = MemorySampler()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if spec["profile"] else None
     fused = {"state": "no"}
-    load_sdxl, build_optimizer = trainer.load_sdxl, trainer.build_optimizer
+    load_family, build_optimizer = ModelFamily.load, run_setup.build_optimizer
 
     def on_step_start(_module, _inputs) -> None:
         if not starts:
@@ -169,7 +170,7 @@ def run_child(spec: dict) -> None:
         cpu_starts.append(time.process_time())
 
     def loading_with_hook(*args, **kwargs):
-        components = load_sdxl(*args, **kwargs)
+        components = load_family(*args, **kwargs)
         if components.unet is not None:  # with both caches the trainer loads the U-Net in a second call
             components.unet.register_forward_pre_hook(on_step_start)
         return components
@@ -179,7 +180,7 @@ def run_child(spec: dict) -> None:
         built_optimizers.append(built)
         return built
 
-    trainer.load_sdxl, trainer.build_optimizer = loading_with_hook, remembering_optimizer
+    ModelFamily.load, run_setup.build_optimizer = loading_with_hook, remembering_optimizer
     register_optimizer_step_post_hook(lambda *_: last_optimizer_step.__setitem__(
         slice(None), [time.perf_counter(), time.process_time()]))
     sampler.start()

@@ -328,12 +328,14 @@ PARTNERS = {
     "max_bucket_reso": ["--enable_bucket", "--min_bucket_reso", "64"], "min_bucket_reso": ["--enable_bucket"],
     "lr_scheduler_type": ["--lr_scheduler_args", "step_size=10"], "lr_scheduler_args": ["--lr_scheduler_type", "StepLR"],
     "log_with": ["--logging_dir", "LOGS"],
+    **{name: ["--ema_decay", "0.99"] for name in ("ema_update_after_step", "ema_update_every", "ema_on_cpu",
+                                                  "sample_with_ema")},
 }
 GOOD_VALUES = {
     "resolution": ["64"], "train_batch_size": ["2"], "min_bucket_reso": ["64"], "max_bucket_reso": ["128"],
     "bucket_reso_steps": ["32"], "max_train_steps": ["3"], "max_train_epochs": ["2"], "min_timestep": ["100"],
     "max_timestep": ["900"], "lr_warmup_steps": ["0.1"], "lr_decay_steps": ["10%"], "mixed_precision": ["no"],
-    "network_dim": ["8"], "network_alpha": ["4"], "caption_extension": [".txt"], "caption_extention": [".txt"],
+    "network_dim": ["8"], "network_alpha": ["4"], "ema_decay": ["0.99"], "caption_extension": [".txt"], "caption_extention": [".txt"],
     "caption_separator": [";"], "keep_tokens_separator": ["|||"], "secondary_separator": [";;;"],
     "lr_scheduler_min_lr_ratio": ["0.1"], "lr_scheduler_timescale": ["10"], "resize_interpolation": ["bicubic"],
     "optimizer_type": ["Lion"], "lr_scheduler": ["cosine"], "network_module": ["networks.lora"],

@@ -39,7 +39,9 @@ def test_every_reference_flag_is_in_the_table_and_only_four_are_added():
     assert [name for name in REFERENCE_FLAGS if name not in options] == []
     assert all(options[name].kohya for name in REFERENCE_FLAGS)
     added = {flag.option for flag in iter_flags() if not flag.kohya}
-    assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run", "--model_family", "--events_log"}
+    assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run", "--model_family", "--events_log",
+                     "--ema_decay", "--ema_update_after_step", "--ema_update_every", "--ema_on_cpu",
+                     "--sample_with_ema"}
     assert set(options) == set(REFERENCE_FLAGS) | added
 
 
@@ -191,6 +193,8 @@ def test_refused_flags_at_their_default_are_accepted():
 # Flags that need a partner flag to be valid, and those that cannot be given a plain value in this walk.
 PARTNERS = {
     "adaptive_noise_scale": ["--noise_offset", "0.03"],
+    **{name: ["--ema_decay", "0.99"] for name in ("ema_update_after_step", "ema_update_every", "ema_on_cpu",
+                                                  "sample_with_ema")},
     "full_fp16": ["--mixed_precision", "fp16"], "full_bf16": ["--mixed_precision", "bf16"],
     "fp8_base": ["--mixed_precision", "bf16"], "fp8_base_unet": ["--mixed_precision", "bf16"],
     "scale_v_pred_loss_like_noise_pred": ["--v_parameterization"],

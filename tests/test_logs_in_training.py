@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -99,3 +100,25 @@ def test_sampling_points_write_files_and_leave_training_unchanged(tiny_single_fi
         assert len([n for n in points if n.startswith(f"lora_{tag}_01_")]) == 1
     (second,) = [n for n in names if n.startswith("lora_000001_01_")]
     assert Image.open(tmp_path / "sampled" / "sample" / second).size == (64, 96)
+
+
+def test_samples_with_ema_use_the_average(tiny_single_file, dataset, tmp_path):
+    """--sample_with_ema: while the average equals the weights (warm-up) the samples are those of the weights;
+    once it differs they differ, and training is untouched either way."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 11\n")
+    common = ["--pretrained_model_name_or_path", str(tiny_single_file), "--dataset_config", str(dataset), *RUN,
+              "--network_train_unet_only", "--cache_text_encoder_outputs", "--max_train_steps", "2",
+              "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--ema_decay", "0.5"]
+    runs = {"plain": [], "warm-up": ["--sample_with_ema", "--ema_update_after_step", "2"],
+            "average": ["--sample_with_ema", "--ema_on_cpu"]}
+    for name, words in runs.items():
+        train(parse_train_args([*common, *words, "--output_dir", str(tmp_path / name)]))
+
+    def sample(name: str) -> bytes:
+        (path,) = (tmp_path / name / "sample").glob("lora_000002_00_*_11.png")
+        return np.asarray(Image.open(path)).tobytes()
+
+    assert sample("warm-up") == sample("plain") != sample("average")
+    loras = [load_file(tmp_path / name / "lora.safetensors") for name in runs]
+    assert all(torch.equal(loras[0][key], other[key]) for other in loras[1:] for key in loras[0])

@@ -355,6 +355,12 @@ def _check_network_and_optimizer(config: TrainConfig) -> None:
     if config.fused_backward_pass and config.gradient_accumulation_steps > 1:
         raise LorakitError(f"--fused_backward_pass steps each parameter as soon as its gradient is ready, so it "
                            f"cannot accumulate over --gradient_accumulation_steps {config.gradient_accumulation_steps}")
+    ema_flags = [flag for flag, value in (("--ema_update_after_step", config.ema_update_after_step),
+                                          ("--ema_update_every", config.ema_update_every != 1),
+                                          ("--ema_on_cpu", config.ema_on_cpu),
+                                          ("--sample_with_ema", config.sample_with_ema)) if value]
+    if ema_flags and config.ema_decay is None:
+        raise LorakitError(f"{ema_flags[0]} needs --ema_decay (the EMA's decay, e.g. 0.999)")
     fixed = config.lr_scheduler_type or (config.lr_scheduler if config.lr_scheduler in ("constant", "adafactor")
                                          else None)
     if fixed and config.lr_warmup_steps:

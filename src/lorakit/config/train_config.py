@@ -186,6 +186,16 @@ class TrainConfig:
     scale_weight_norms: float | None = NETWORK.flag(None, number, "max norm of each LoRA up*down product",
                                                     bounds=ABOVE_0)
     training_comment: str | None = NETWORK.flag(None, str, "comment stored as ss_training_comment")
+    ema_decay: float | None = NETWORK.flag(
+        None, number, "keep an exponential moving average of the trained weights with this decay (e.g. 0.999) and "
+        "save it beside each LoRA as {name}-ema.safetensors", kohya=False,
+        bounds=Bounds(0, 1, low_open=True, high_open=True, name="a decay above 0 and below 1"))
+    ema_update_after_step: int = NETWORK.flag(0, int, "EMA warm-up: until this step the average is the weights "
+                                              "themselves", kohya=False, bounds=AT_LEAST_0)
+    ema_update_every: int = NETWORK.flag(1, int, "update the EMA every N optimizer steps", kohya=False,
+                                         bounds=AT_LEAST_1)
+    ema_on_cpu: bool = NETWORK.switch("keep the EMA on the CPU instead of the training device", kohya=False)
+    sample_with_ema: bool = SAMPLES.switch("make samples with the EMA weights", kohya=False)
 
     # --- optimizer & schedule ---
     optimizer_type: str = OPTIMIZER.flag(

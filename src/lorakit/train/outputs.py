@@ -34,6 +34,10 @@ class OutputNames:
         """The state folder saved beside a model file: `name-000001.safetensors` → `name-000001-state/`."""
         return model_file.with_name(model_file.name[: -len(self.extension)] + "-state")
 
+    def ema_file(self, model_file: Path) -> Path:
+        """The EMA weights saved beside a model file (--ema_decay): `name-000001-ema.safetensors`."""
+        return model_file.with_name(model_file.name[: -len(self.extension)] + "-ema" + self.extension)
+
     def epoch_files(self) -> dict[int, Path]:
         """Existing epoch checkpoints, by epoch number."""
         pattern = re.compile(re.escape(self.output_name or "epoch") + r"-(\d{6})" + re.escape(self.extension) + "$")
@@ -97,6 +101,7 @@ def prune(files: dict[int, Path], last_to_remove: int | None, names: OutputNames
         if number > last_to_remove:
             continue
         path.unlink(missing_ok=True)
+        names.ema_file(path).unlink(missing_ok=True)
         removed.append(path)
         if with_states:
             shutil.rmtree(names.state_dir(path), ignore_errors=True)

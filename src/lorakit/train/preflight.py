@@ -42,6 +42,7 @@ from lorakit.train.fused import check_fused_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.logs import check_logging
 from lorakit.train.metadata import thumbnail_url
+from lorakit.train.ema import WeightAverage
 from lorakit.train.resume import rehearse_restore
 from lorakit.train.run_setup import base_weight_multipliers, make_lr_scheduler, make_optimizer, new_network
 from lorakit.train.sample_prompts import SamplePrompt
@@ -238,6 +239,8 @@ def rehearse_resume(config: TrainConfig, resumed: TrainState, network: LoRANetwo
         scaler = gradient_scaler(config.mixed_precision, full_fp16=config.full_fp16,
                                  fused_backward_pass=config.fused_backward_pass, device_type=device.type)
         rehearse_restore(resumed, network, built.optimizer, scheduler, scaler)
+    if config.ema_decay is not None and resumed.ema is not None:
+        WeightAverage(network, config.ema_decay, device="cpu").load_state_dict(resumed.ema, str(config.resume))
 
 
 def _check_learning_rates(scheduler, max_train_steps: int, schedule: str) -> None:

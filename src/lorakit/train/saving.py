@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from lorakit.config import TrainConfig
+from lorakit.train.ema import WeightAverage
 from lorakit.train.events import EventsLog
 from lorakit.train.interrupt import TrainingInterrupted, resume_command
 from lorakit.train.metadata import save_metadata
@@ -39,8 +40,8 @@ class Checkpointer:
     def __init__(self, config: TrainConfig, *, network: torch.nn.Module, params: list[torch.Tensor], optimizer,
                  lr_scheduler, scaler: torch.amp.GradScaler, schedule_free: bool, metadata: dict[str, str],
                  seed: int, num_epochs: int, max_train_steps: int, accelerator: Accelerator,
-                 events: EventsLog | None = None) -> None:
-        self.config, self.network, self.params = config, network, params
+                 events: EventsLog | None = None, ema: WeightAverage | None = None) -> None:
+        self.config, self.network, self.params, self.ema = config, network, params, ema
         self.events = events or EventsLog(None)
         self.optimizer, self.lr_scheduler, self.scaler = optimizer, lr_scheduler, scaler
         self.schedule_free, self.metadata, self.accelerator = schedule_free, metadata, accelerator
@@ -92,20 +93,23 @@ class Checkpointer:
             check_in_sync(self.params, self.accelerator.is_main_process)
         state_dir = self.names.state_dir(path) if run is not None else None
         if self.accelerator.is_main_process:
-            needed = lora_bytes(self.network, self.save_dtype)
+            needed = lora_bytes(self.network, self.save_dtype) * (2 if self.ema is not None else 1)
             needed += state_bytes(self.network, self.optimizer) if run is not None else 0
             check_free_space(path.parent, needed, path.name + (" and its state" if run is not None else ""))
             if self.schedule_free:
                 optimizer_eval_mode(self.optimizer)
             metadata = save_metadata(self.metadata, steps=step, epoch=epoch, no_metadata=self.config.no_metadata)
             self.network.save_file(path, self.save_dtype, metadata)
+            if self.ema is not None:
+                self.ema.save(self.names.ema_file(path), self.save_dtype, metadata)
             if self.schedule_free:
                 optimizer_train_mode(self.optimizer)
             logger.info("saved %s", path)
             if state_dir is not None:
                 write_state(state_dir, network=self.network, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, rng=rng, scaler=self.scaler,
-                            progress=run.state(self.seed, world, self.max_train_steps))
+                            progress=run.state(self.seed, world, self.max_train_steps),
+                            ema=None if self.ema is None else self.ema.state_dict())
                 logger.info("saved state %s", state_dir)
             self.events.write("saved", kind=kind, step=step, path=str(path.absolute()),
                               state=None if state_dir is None else str(state_dir.absolute()))

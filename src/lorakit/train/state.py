@@ -145,6 +145,7 @@ class TrainState:
     rng: list[dict[str, Any]]  # one per process rank, decoded
     progress: dict[str, Any]
     scaler: dict[str, Any] = field(default_factory=dict)  # empty: the run did not scale its loss
+    ema: dict[str, torch.Tensor] | None = None  # the EMA of the trained weights (--ema_decay), by parameter name
 
     @property
     def global_step(self) -> int:
@@ -169,9 +170,10 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 
 
 def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
-                rng: list[str], progress: Mapping[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
+                rng: list[str], progress: Mapping[str, Any], scaler: torch.amp.GradScaler | None = None,
+                ema: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write a complete state folder atomically. `rng` holds each rank's `rng_json`; `progress` the loop's
-    position (global_step, epoch, ...)."""
+    position (global_step, epoch, ...); `ema` the averaged weights of --ema_decay."""
     with atomic_path(folder) as partial:
         partial.mkdir()
         save_file({k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()},
@@ -183,6 +185,8 @@ def write_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.opti
             (partial / f"{name}.json").write_text(json.dumps(encoded))
         if scaler is not None and scaler.is_enabled():
             (partial / "scaler.json").write_text(json.dumps(encode(scaler.state_dict(), None)))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, partial / "ema.safetensors")
         (partial / "rng.json").write_text("[" + ",".join(rng) + "]")
         (partial / "progress.json").write_text(json.dumps({"format": FORMAT, **progress}, indent=2))
         (partial / "train_state.json").write_text(json.dumps(
@@ -206,7 +210,7 @@ def read_state(folder: str | Path) -> TrainState:
         for name in ("optimizer", "scheduler"):
             tensors = load_file(folder / f"{name}.safetensors")
             loaded[name] = decode(json.loads((folder / f"{name}.json").read_text()), tensors)
-        scaler = folder / "scaler.json"
+        scaler, ema = folder / "scaler.json", folder / "ema.safetensors"
         state = TrainState(
             network=load_file(folder / "network.safetensors"),
             optimizer=loaded["optimizer"],
@@ -214,6 +218,7 @@ def read_state(folder: str | Path) -> TrainState:
             rng=[decode(r) for r in json.loads((folder / "rng.json").read_text())],
             progress=json.loads((folder / "progress.json").read_text()),
             scaler=decode(json.loads(scaler.read_text())) if scaler.is_file() else {},
+            ema=load_file(ema) if ema.is_file() else None,
         )
         if not isinstance(state.progress, dict) or not isinstance(state.progress.get("global_step"), int):
             raise ValueError("progress.json holds no global_step")

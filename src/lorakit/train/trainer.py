@@ -40,6 +40,7 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -69,6 +70,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components, cast_model
 from lorakit.models.loading import load_vae
 from lorakit.network.apply import merge_lora
+from lorakit.train.ema import WeightAverage
 from lorakit.train.events import EventsLog
 from lorakit.train.fused import fuse_backward
 from lorakit.train.grad_scaler import gradient_scaler
@@ -170,8 +172,9 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
                                           not config.network_train_unet_only)
     prepare_network(config, network, models)
     opt = build_optimization(config, network, plan.max_train_steps, world, accelerator.device)
+    ema = WeightAverage.of(config, network)
     if main:
-        print(model_summary(opt, models, family))
+        print(model_summary(opt, models, family) + (f"\n{ema.summary()}" if ema is not None else ""))
 
     # ------------------------------------------------------------------ step options, saves, resume
     step_options = step_options_of(config)
@@ -179,14 +182,20 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
         config, network=network, params=opt.params, optimizer=opt.optimizer, lr_scheduler=opt.lr_scheduler,
         scaler=opt.scaler, schedule_free=opt.built.schedule_free, seed=seed, num_epochs=plan.num_epochs,
         max_train_steps=plan.max_train_steps, accelerator=accelerator,
-        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world, family), events=events)
+        metadata=metadata_of(config, plan, opt, network_alpha, seed, data, models, world, family), events=events,
+        ema=ema)
     if resumed is not None:
         restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
+    if ema is not None:
+        ema.start_from(resumed.ema if resumed is not None else None, config.resume)
+    elif resumed is not None and resumed.ema is not None:
+        logger.warning("--resume %s: the state's EMA weights are not used (no --ema_decay)", config.resume)
     if resumed is None and start.global_step:
         advance_scheduler(opt.lr_scheduler, start.global_step)
     run = RunProgress.starting(start, resumed, window=plan.batches_per_epoch)
     log = TrainingLog.from_config(config, enabled=main, events=events)
-    samples = SampleImages(config, prompts, models, network, checkpointer.names.output_dir, log, accelerator)
+    samples = SampleImages(config, prompts, models, network, checkpointer.names.output_dir, log, accelerator,
+                           ema if config.sample_with_ema else None)
     validation = Validation(config, validation_data, models, network, step_options, seed, plan.max_train_steps,
                             log, accelerator)
     loader = RunLoader(data, seed=seed, max_train_steps=plan.max_train_steps, latents=models.latents,
@@ -229,6 +238,8 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
                         continue
                     max_norm = optimizer_step(opt, network, config, world, accelerator.device)
                     run.step_done(epoch, batch_index + 1, value)
+                    if ema is not None:
+                        ema.update(run.global_step)
                     report_step(bar, log, run, opt, epoch, max_norm)
                     stop_now = stop_requested(stop, world, accelerator.device)
                     checkpointer.after_step(run, stop_now and run.global_step < plan.max_train_steps)
@@ -591,9 +602,9 @@ class SampleImages:
     on the CPU visit the device meanwhile."""
 
     def __init__(self, config: TrainConfig, prompts: list[SamplePrompt], models: Models, network,
-                 output_dir: Path, log: TrainingLog, accelerator: Accelerator) -> None:
+                 output_dir: Path, log: TrainingLog, accelerator: Accelerator, ema: WeightAverage | None = None) -> None:
         self.config, self.prompts, self.models, self.network = config, prompts, models, network
-        self.output_dir, self.log, self.accelerator = output_dir, log, accelerator
+        self.output_dir, self.log, self.accelerator, self.ema = output_dir, log, accelerator, ema
 
     def maybe(self, when: str, step: int, epoch: int) -> None:
         """`when` is "first" (before training; `epoch` is the one before the first), "step" or "epoch"."""
@@ -610,12 +621,14 @@ class SampleImages:
             parked = [e for e in encoders if next(e.parameters()).device != torch.device(device)]
             for encoder in parked:
                 encoder.to(device)
+            weights = self.ema.in_place() if self.ema is not None else contextlib.nullcontext()
             try:
-                result = generate_samples(
-                    self.models.family, components, self.models.unet, encoders, self.prompts, self.output_dir,
-                    self.config.output_name, step, epoch, v_parameterization=self.config.v_parameterization,
-                    device=device, dtype=self.models.weight_dtype, network=self.network,
-                    clip_skip=self.config.clip_skip)
+                with weights:
+                    result = generate_samples(
+                        self.models.family, components, self.models.unet, encoders, self.prompts, self.output_dir,
+                        self.config.output_name, step, epoch, v_parameterization=self.config.v_parameterization,
+                        device=device, dtype=self.models.weight_dtype, network=self.network,
+                        clip_skip=self.config.clip_skip)
             finally:
                 for encoder in parked:
                     encoder.to("cpu")
