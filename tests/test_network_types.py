@@ -97,6 +97,25 @@ def test_weight_change_and_output_follow_the_papers_formula(kind, layer_name, ra
     assert (adapted - plain).abs().max() > 1e-2  # the module does change the layer
 
 
+
+@pytest.mark.parametrize("layer_name", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_gives_the_hooked_output_and_unmerge_restores_the_layer(kind, layer_name):
+    torch.manual_seed(0)
+    layer = LAYERS[layer_name]()
+    original = layer.weight.detach().clone()
+    module = randomised(ALGOS[kind]("lora_unet_x", layer, 4, 2.0, multiplier=0.5)).eval()
+    x = layer_input(layer)
+    with torch.no_grad():
+        module.attach()
+        hooked = layer(x)
+        module.merge()
+        assert not module.attached and (layer(x) - hooked).abs().max() < 1e-5
+        module.unmerge()
+        assert module.attached and (layer.weight - original).abs().max() < 1e-6
+        assert (layer(x) - hooked).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("rank_alpha", RANKS, ids=lambda ra: f"rank{ra[0]}")
 @pytest.mark.parametrize("layer_name", LAYERS)
 @pytest.mark.parametrize("kind", KINDS)

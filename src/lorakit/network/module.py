@@ -37,6 +37,8 @@ class AdapterModule(nn.Module):
     A kind defines `forward(x)` (its branch) and `delta_weight()`."""
 
     algo = ""  # the kind's name in --network_args algo=
+    # Whether ΔW depends on the base weight (DoRA's does): merging then keeps ΔW, for unmerge.
+    delta_depends_on_base = False
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None, *, multiplier: float,
                  dropout: float | None, rank_dropout: float | None, module_dropout: float | None) -> None:
@@ -57,6 +59,7 @@ class AdapterModule(nn.Module):
         # Not a submodule: keeps the base layer out of this module's state dict, `.to()` and `.parameters()`.
         object.__setattr__(self, "base", base)
         self._handle: RemovableHandle | None = None
+        self._merged: Tensor | None = None
 
     def _refresh_scale(self) -> None:
         if float(self.alpha) == 0:  # alpha 0 means alpha = rank (no scaling), as in sd-scripts
@@ -99,8 +102,21 @@ class AdapterModule(nn.Module):
     def merge(self) -> None:
         """Add the branch into the base weights and detach (the module no longer adds anything)."""
         weight = self.base.weight
-        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        delta = self.delta_weight().to(weight.device)
+        self._merged = delta if self.delta_depends_on_base else None
+        weight.copy_((weight.float() + delta).to(weight.dtype))
         self.detach()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take a merged branch back out of the base weights and attach again (exact in float32 weights)."""
+        weight = self.base.weight
+        delta = self._merged if self.delta_depends_on_base else self.delta_weight().to(weight.device)
+        if delta is None:
+            raise RuntimeError(f"{self.lora_name}: unmerge without merge")
+        weight.copy_((weight.float() - delta).to(weight.dtype))
+        self._merged = None
+        self.attach()
 
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.base.weight.shape)
@@ -174,6 +190,7 @@ class DoRAModule(LoRAModule):
     """LoRA with a learned magnitude per output channel, `dora_scale`, which starts at the base weight's norms."""
 
     algo = "dora"
+    delta_depends_on_base = True
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, **options) -> None:
         super().__init__(lora_name, base, rank, alpha, **options)

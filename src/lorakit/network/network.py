@@ -77,6 +77,11 @@ class LoRANetwork(nn.Module):
         for lora in self.loras:
             lora.merge()
 
+    def unmerge(self) -> None:
+        """Take merged branches back out of the base weights and attach again."""
+        for lora in self.loras:
+            lora.unmerge()
+
     def parameter_groups(self, unet_lr: float | None, text_encoder1_lr: float | None,
                          text_encoder2_lr: float | None, learning_rate: float | None) -> list[dict]:
         """Optimizer groups, each `{"name", "params", "lr"}`; names are sd-scripts' `lr/<name>` log keys.
