@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.network.io import save_lora
+from lorakit.train.state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,8 @@ class WeightAverage:
                 f"{self.update_after_step}, then every {self.update_every} step(s); float32 on {device}")
 
     @torch.no_grad()
-    def start_from(self, resumed: Mapping[str, Tensor] | None, source: str | None) -> None:
-        """The average a run starts with: a resumed state's, else the weights as they are now (after loading
-        --network_weights or a state without one)."""
-        if resumed is not None:
-            self.load_state_dict(resumed, source or "")
-            return
-        if source is not None:
-            logger.warning("--resume %s: the state holds no EMA weights (its run had no --ema_decay); the average "
-                           "starts from the resumed weights", source)
+    def restart(self) -> None:
+        """The average is the weights as they are now."""
         for average, parameter in zip(self.average, self.parameters):
             average.copy_(parameter.detach())
 
@@ -121,3 +115,18 @@ class WeightAverage:
             with torch.no_grad():
                 for parameter, original in zip(self.parameters, kept):
                     parameter.copy_(original)
+
+
+def start_average(average: WeightAverage | None, resumed: TrainState | None, source: str | None) -> None:
+    """The average a run starts with, once the network holds its starting weights: a resumed state's, else those
+    weights (after --network_weights, or a state saved without EMA)."""
+    if average is None:
+        if resumed is not None and resumed.ema is not None:
+            logger.warning("--resume %s: the state's EMA weights are not used (no --ema_decay)", source)
+    elif resumed is not None and resumed.ema is not None:
+        average.load_state_dict(resumed.ema, str(source))
+    else:
+        if resumed is not None:
+            logger.warning("--resume %s: the state holds no EMA weights (its run had no --ema_decay); the average "
+                           "starts from the resumed weights", source)
+        average.restart()

@@ -70,7 +70,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components, cast_model
 from lorakit.models.loading import load_vae
 from lorakit.network.apply import merge_lora
-from lorakit.train.ema import WeightAverage
+from lorakit.train.ema import WeightAverage, start_average
 from lorakit.train.events import EventsLog
 from lorakit.train.fused import fuse_backward
 from lorakit.train.grad_scaler import gradient_scaler
@@ -186,10 +186,7 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
         ema=ema)
     if resumed is not None:
         restore(resumed, network, opt.optimizer, opt.lr_scheduler, opt.scaler, rank)
-    if ema is not None:
-        ema.start_from(resumed.ema if resumed is not None else None, config.resume)
-    elif resumed is not None and resumed.ema is not None:
-        logger.warning("--resume %s: the state's EMA weights are not used (no --ema_decay)", config.resume)
+    start_average(ema, resumed, config.resume)
     if resumed is None and start.global_step:
         advance_scheduler(opt.lr_scheduler, start.global_step)
     run = RunProgress.starting(start, resumed, window=plan.batches_per_epoch)
@@ -602,7 +599,8 @@ class SampleImages:
     on the CPU visit the device meanwhile."""
 
     def __init__(self, config: TrainConfig, prompts: list[SamplePrompt], models: Models, network,
-                 output_dir: Path, log: TrainingLog, accelerator: Accelerator, ema: WeightAverage | None = None) -> None:
+                 output_dir: Path, log: TrainingLog, accelerator: Accelerator,
+                 ema: WeightAverage | None = None) -> None:
         self.config, self.prompts, self.models, self.network = config, prompts, models, network
         self.output_dir, self.log, self.accelerator, self.ema = output_dir, log, accelerator, ema
 
