@@ -6,6 +6,7 @@ a restarted server finds a run that kept training."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -90,7 +91,10 @@ def test_form_round_trips_every_flag(tmp_path):
             assert response["error"] is None, (flag.name, response["error"])
             toml = tmp_path / f"{flag.name}.toml"
             toml.write_text(response["toml"])
-            secrets = run_form.secret_argv(run_form.argv_of_form(fields))
+            # Secrets travel as environment variables, which the libraries read instead of the flag.
+            flag_of = {variable: name for name, variable in run_form.SECRET_ENVIRONMENT.items()}
+            secrets = [f"--{flag_of[variable]}={value}" for variable, value in
+                       run_form.secret_environment(run_form.argv_of_form(fields)).items()]
             parsed = parse_train_args(["--config_file", str(toml), *secrets])
             assert dataclasses.replace(parsed, config_file=None) == expected, flag.name
             assert response["command"].startswith("sdxl_train_network.py ")
@@ -138,6 +142,16 @@ def test_files_outside_the_root_and_the_runs_are_refused(tmp_path):
             assert client.get("/files", params={"path": path}).status_code == 403, path
         assert client.get("/thumb", params={"path": "../secret.txt"}).status_code == 403
         assert client.get("/datasets", params={"path": "../secret.txt"}).status_code == 403
+        # A page under the root never runs as this server's page: it is a download, sandboxed, not sniffed.
+        (root / "page.html").write_text("<script>fetch('/')</script>")
+        served = client.get("/files", params={"path": "page.html"})
+        assert served.headers["content-disposition"].startswith("attachment")
+        assert served.headers["content-type"] == "application/octet-stream"
+        assert served.headers["x-content-type-options"] == "nosniff" and "sandbox" in served.headers[
+            "content-security-policy"]
+        assert client.get("/thumb", params={"path": "sub/ok.txt"}).status_code == 415  # not an image: no 500
+        (root / "latin1.toml").write_bytes(b"caption = \"caf\xe9\"")
+        assert client.get("/datasets", params={"path": "latin1.toml"}).status_code == 400
 
 
 def test_token_host_and_csrf(tmp_path):
@@ -146,6 +160,7 @@ def test_token_host_and_csrf(tmp_path):
         assert client.get("/").status_code == 401
         assert client.get("/files", params={"path": "x"}).status_code == 401
         assert client.get("/", params={"token": "wrong"}).status_code == 401
+        assert client.get("/", params={"token": "sésame"}).status_code == 401  # not ASCII: refused, not a 500
         entry = client.get("/", params={"token": "sesame"})
         assert entry.status_code == 303 and "token" not in entry.headers["location"]
         assert client.get("/").status_code == 200  # the cookie now
@@ -210,6 +225,23 @@ def test_queued_runs_move_cancel_and_duplicate(tiny_project, monkeypatch):
         assert 'name="output_name" value="c"' in duplicate and 'name="max_train_steps" value="3"' in duplicate
 
 
+def test_secret_flags_reach_the_run_only_through_its_environment(tiny_project, monkeypatch):
+    monkeypatch.chdir(tiny_project)
+    app = create_app(tiny_project, supervise=False)
+    with client_of(app) as client:
+        csrf = csrf_of(client)
+        client.post("/new", data={**form_fields(3, "secret", wandb_api_key="s3cret-key"), "action": "queue",
+                                  "csrf": csrf})
+        run = app.app.state.store.get(1)
+        assert "s3cret-key" not in run.command and "--wandb_api_key=***" in run.command
+        assert "s3cret-key" not in " ".join(run.argv) and "s3cret-key" not in run.config_path.read_text()
+        secrets_file = run.folder / "secrets.json"
+        assert oct(secrets_file.stat().st_mode & 0o777) == "0o600"
+        assert json.loads(secrets_file.read_text()) == {"WANDB_API_KEY": "s3cret-key"}
+        assert client.get("/files", params={"path": str(secrets_file)}).status_code == 403
+        assert "s3cret-key" not in client.get("/runs/1").text + client.get("/api/runs").text
+
+
 def test_two_queued_runs_run_in_order(tiny_project, monkeypatch):
     monkeypatch.chdir(tiny_project)  # as `lorakit ui --root` does
     app = create_app(tiny_project)
@@ -243,7 +275,8 @@ def test_a_run_killed_with_sigkill_is_marked_interrupted_and_resumes_from_its_la
         wait_for(lambda: store.get(1).status == "interrupted", "the run to be marked interrupted", 30)
         run = store.get(1)
         assert run.state and Path(run.state).is_dir() and "killed" in run.message
-        # Resume twice (a double click): one continuation, from the newest state.
+        # Resume twice (a double click), and later again: one continuation, from the newest state; an older
+        # state never overwrites the continuation's files.
         for _ in range(2):
             resumed = client.post("/runs/1/resume", data={"csrf": csrf}, headers={"Accept": "application/json"})
             assert resumed.json()["url"] == "/runs/2"
@@ -251,6 +284,8 @@ def test_a_run_killed_with_sigkill_is_marked_interrupted_and_resumes_from_its_la
         assert continuation.argv[-2:] == ["--resume", run.state] and continuation.resume_of == 1
         wait_for(lambda: store.get(2).status not in ("queued", "running"), "the continuation to end")
         assert store.get(2).status == "finished", store.get(2).message
+        again = client.post("/runs/1/resume", data={"csrf": csrf}, headers={"Accept": "application/json"})
+        assert again.json()["url"] == "/runs/2" and len(store.runs()) == 2
 
 
 def test_a_restarted_server_finds_its_run_still_training(tiny_project, monkeypatch):

@@ -4,9 +4,9 @@ Pages are rendered on the server (Jinja2); a little JavaScript validates the for
 queue and follows a run over server-sent events, and uPlot draws the curves. Every asset ships in the package.
 
 Security: files are served only from under the root folder and the folders runs and previews name; requests must
-name this server as their host (a page elsewhere cannot reach it through DNS rebinding); with a token (required
-when the server listens beyond loopback) every request must carry it; every state change is a POST that carries
-the page's CSRF token and, when the browser sends one, this server's Origin.
+name this server as their host (a page elsewhere cannot reach it through DNS rebinding); with a token (`lorakit
+ui` always sets one) every request must carry it; every state change is a POST that carries the page's CSRF token
+and, when the browser sends one, this server's Origin; served files show as images or text only, in a sandbox.
 """
 
 from __future__ import annotations
@@ -44,13 +44,18 @@ from lorakit.fileio import atomic_path
 from lorakit.ui import form as run_form
 from lorakit.ui.preview import dataset_preview, dry_run
 from lorakit.ui.store import ENDED, Run, Store
-from lorakit.ui.supervisor import Supervisor, command_text
+from lorakit.ui.supervisor import SECRETS_FILE, Supervisor, write_secrets
 from lorakit.ui.watch import RunWatch, read_events, sample_prompt, tail_lines
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 TOKEN_COOKIE = "lorakit_token"
 STREAM_SECONDS = 0.1  # how often the live view looks for news
 THUMBNAIL_SIDES = (96, 160, 320)
+# What /files shows in the page; every other file is sent as a download.
+SHOWN_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp", ".txt": "text/plain; charset=utf-8",
+               ".log": "text/plain; charset=utf-8", ".toml": "text/plain; charset=utf-8",
+               ".json": "text/plain; charset=utf-8", ".jsonl": "text/plain; charset=utf-8"}
 
 
 class Settings:
@@ -117,7 +122,11 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         values: dict[str, str] = {}
         source = request.query_params.get("from")
         if source and source.isdigit() and (run := store.get(int(source))) is not None:
-            imported = run_form.import_command(shlex.join(run.argv), settings.root)
+            try:
+                imported = run_form.import_command(shlex.join(run.argv), settings.root)
+            except LorakitError as error:
+                return await page(request, "form.html", values={}, error=f"run {run.id} cannot be duplicated: "
+                                  f"{one_line(error)}", check=None, status_code=400)
             imported.pop("resume", None)  # a duplicate starts afresh
             values = run_form.form_of_values(imported)
         return await page(request, "form.html", values=values, error=None, check=None)
@@ -141,7 +150,7 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         if action == "check":
             preview = await run_in_threadpool(dataset_preview, argv)
             for dataset in preview["datasets"]:
-                settings.previewed.update(Path(folder) for folder in dataset["image_dirs"])
+                settings.previewed.update(Path(folder).resolve() for folder in dataset["image_dirs"])
             checked = await run_in_threadpool(dry_run, argv, settings.root)
             return await page(request, "form.html", values=values, error=None,
                               check={"preview": preview, "dry_run": checked, "command": run_form.command_of(argv),
@@ -168,7 +177,10 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         text = ""
         if chosen:
             path = _inside(settings, chosen)
-            text = path.read_text(encoding="utf-8") if path.is_file() else ""
+            try:
+                text = path.read_text(encoding="utf-8") if path.is_file() else ""
+            except (OSError, UnicodeDecodeError) as error:
+                raise HTTPException(400, f"{chosen}: cannot be read as UTF-8 text ({type(error).__name__})") from None
         return await page(request, "datasets.html", files=_dataset_files(settings.root), chosen=chosen, text=text,
                           preview=None, error=None)
 
@@ -187,7 +199,7 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         argv = [f"--dataset_config={path}", "--pretrained_model_name_or_path=not-read-by-the-dataset-preview"]
         preview = await run_in_threadpool(dataset_preview, argv)
         for dataset in preview["datasets"]:
-            settings.previewed.update(Path(folder) for folder in dataset["image_dirs"])
+            settings.previewed.update(Path(folder).resolve() for folder in dataset["image_dirs"])
         return await page(request, "datasets.html", files=_dataset_files(settings.root), chosen=chosen, text=text,
                           preview=preview, error=preview["error"])
 
@@ -239,16 +251,24 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
     # ------------------------------------------------------------------ files
 
     async def file(request: Request) -> Response:
+        """Images and plain text are shown; anything else (a LoRA, an HTML file) is only ever downloaded, and
+        nothing served here may run scripts under this server's address."""
         path = _allowed_file(settings, store, request.query_params.get("path", ""))
-        download = request.query_params.get("download") == "1"
-        return FileResponse(path, filename=path.name if download else None,
-                            content_disposition_type="attachment" if download else "inline")
+        shown = path.suffix.lower() in SHOWN_TYPES and request.query_params.get("download") != "1"
+        return FileResponse(path, media_type=SHOWN_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                            filename=None if shown else path.name,
+                            content_disposition_type="inline" if shown else "attachment",
+                            headers={"X-Content-Type-Options": "nosniff",
+                                     "Content-Security-Policy": "sandbox; default-src 'none'"})
 
     async def thumbnail(request: Request) -> Response:
         path = _allowed_file(settings, store, request.query_params.get("path", ""))
         size = int(request.query_params.get("size", "160")) if request.query_params.get("size", "").isdigit() else 160
         side = min(THUMBNAIL_SIDES, key=lambda s: abs(s - size))
-        data = await run_in_threadpool(_thumbnail, str(path), path.stat().st_mtime_ns, side)
+        try:
+            data = await run_in_threadpool(_thumbnail, str(path), path.stat().st_mtime_ns, side)
+        except (OSError, Image.DecompressionBombError, ValueError):
+            raise HTTPException(415, f"{path.name}: not an image this app can show") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     routes = [
@@ -298,18 +318,23 @@ class Guard:
             return await self.app(scope, receive, send)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         given = query.get("token", [None])[0]
-        if given is not None and hmac.compare_digest(given, token):
+        if given is not None and _same(given, token):
             rest = urlencode([(key, value) for key, values in query.items() if key != "token" for value in values])
             response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
             return await response(scope, receive, send)
         cookie = SimpleCookie(headers.get("cookie", "")).get(TOKEN_COOKIE)
         bearer = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if any(candidate and hmac.compare_digest(candidate, token) for candidate in
+        if any(candidate and _same(candidate, token) for candidate in
                (cookie.value if cookie else None, bearer or None)):
             return await self.app(scope, receive, send)
         return await PlainTextResponse("lorakit ui: token required: open the address `lorakit ui` printed "
                                        "(it ends in ?token=...)", status_code=401)(scope, receive, send)
+
+
+def _same(given: str, secret: str) -> bool:
+    """A constant-time comparison that also takes text the secret could never be (non-ASCII)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode())
 
 
 def _host_name(host: str) -> str:
@@ -322,7 +347,7 @@ async def checked_form(request: Request, settings: Settings) -> dict[str, str]:
     """The POSTed form, after the CSRF token and the Origin are checked (403 otherwise)."""
     submitted = {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
     given = submitted.get("csrf") or request.headers.get("x-csrf-token", "")
-    if not hmac.compare_digest(given, settings.csrf):
+    if not _same(given, settings.csrf):
         raise HTTPException(403, "missing or wrong CSRF token: reload the page")
     origin = request.headers.get("origin")
     if origin and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
@@ -350,6 +375,9 @@ def _allowed_file(settings: Settings, store: Store, text: str) -> Path:
             allowed.append(Path(run.output_dir).resolve())
     if not any(path.is_relative_to(folder) for folder in allowed):
         raise HTTPException(403, "outside the root folder and the runs' folders")
+    if path.name == SECRETS_FILE or path.is_relative_to(settings.root / ".lorakit-ui") and path.suffix in (
+            ".sqlite3", ".sqlite3-wal", ".sqlite3-shm"):
+        raise HTTPException(403, "not served")
     if not path.is_file():
         raise HTTPException(404, "no such file")
     return path
@@ -359,19 +387,38 @@ def _allowed_file(settings: Settings, store: Store, text: str) -> Path:
 
 
 def queue_run(store: Store, supervisor: Supervisor, root: Path, argv: list[str]) -> Run:
-    """Queue the form's command line: its TOML in the run's folder, the run started with `--config_file` (and
-    the secret flags, which never go into a file)."""
+    """Queue the form's command line: its TOML in the run's folder, the run started with `--config_file`; the
+    secret flags reach it as environment variables (`write_secrets`), never in the TOML, the queue or argv."""
     values = run_form.command_line_values(argv, run_form.PROG)
 
     def prepare(folder: Path) -> list[str]:
         config = folder / "config.toml"
         with atomic_path(config) as temporary:
             temporary.write_text(run_form.toml_of(argv), encoding="utf-8")
-        return ["--config_file", str(config), *run_form.secret_argv(argv)]
+        write_secrets(folder, run_form.secret_environment(argv))
+        return ["--config_file", str(config)]
 
-    return store.add(name=values.get("output_name") or "run", command=command_text(argv),
+    return store.add(name=values.get("output_name") or "run", command=run_form.command_of(argv),
                      output_dir=str((root / (values.get("output_dir") or ".")).resolve()),
                      folder_of=supervisor.folder_of, prepare=prepare)
+
+
+_WATCHES: dict[Path, tuple[int, RunWatch]] = {}
+
+
+def watch_of(path: Path) -> RunWatch:
+    """What a run's events say, read incrementally: only the lines added since the last call are parsed."""
+    offset, watch = _WATCHES.get(path, (0, None))
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    if watch is None or size < offset:  # new, or rewritten
+        offset, watch = 0, RunWatch()
+    new, offset = read_events(path, offset)
+    watch.add(new)
+    _WATCHES[path] = (offset, watch)
+    return watch
 
 
 def _run_or_404(store: Store, run_id: int) -> Run:
@@ -382,7 +429,7 @@ def _run_or_404(store: Store, run_id: int) -> Run:
 
 
 def _run_row(run: Run) -> dict[str, Any]:
-    watch = RunWatch.of(run.events_path)
+    watch = watch_of(run.events_path)
     progress = watch.progress()
     return {"id": run.id, "name": run.name, "status": run.status, "command": run.command, "message": run.message,
             "state": run.state, "created": run.created, "started": run.started, "ended": run.ended,

@@ -154,15 +154,36 @@ def toml_of(argv: list[str]) -> str:
     return tomli_w.dumps(document)
 
 
-def secret_argv(argv: list[str]) -> list[str]:
-    """The secret flags of a command line (never written into a file), as command-line words."""
-    flags = {flag.name: flag for flag in iter_flags()}
+# How a run gets each secret flag instead: the variable its library reads (wandb; the Hub flags are refused).
+SECRET_ENVIRONMENT = {"wandb_api_key": "WANDB_API_KEY", "huggingface_token": "HF_TOKEN"}
+
+
+def secret_environment(argv: list[str]) -> dict[str, str]:
+    """The secret flags of a command line as environment variables (never in a file the app writes or shows,
+    nor on the process's command line)."""
     values = command_line_values(argv, PROG)
-    return [f"--{name}={value}" for name, value in values.items() if flags[name].secret]
+    return {SECRET_ENVIRONMENT[name]: str(value) for name, value in values.items() if name in SECRET_ENVIRONMENT}
+
+
+def without_secrets(argv: list[str]) -> list[str]:
+    """`argv` with every secret flag left out."""
+    kept, skip = [], False
+    for word in argv:
+        name = word[2:].split("=", 1)[0] if word.startswith("--") else None
+        if skip:
+            skip = False
+        elif name in SECRET_ENVIRONMENT:
+            skip = "=" not in word
+        else:
+            kept.append(word)
+    return kept
 
 
 def command_of(argv: list[str]) -> str:
-    return shlex.join([PROG, *argv])
+    """The command as sd-scripts users type it, secrets shown as ***."""
+    shown = without_secrets(argv) + [f"--{name}=***" for name in command_line_values(argv, PROG)
+                                     if name in SECRET_ENVIRONMENT]
+    return shlex.join([PROG, *shown])
 
 
 def import_command(text: str, root: Path) -> dict[str, Any]:

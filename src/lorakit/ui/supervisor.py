@@ -9,6 +9,7 @@ killed, and the run is marked interrupted with the newest state it saved, so Res
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -72,6 +73,8 @@ class Supervisor:
         """Every running or stopping run whose process is gone gets its final status."""
         for run in self.store.runs(ACTIVE):
             child = self.children.get(run.id)
+            if child is not None and child.pid != run.pid:  # not the process that runs it (another server's)
+                child = None
             exit_code = child.poll() if child is not None else None
             if child is not None and exit_code is None:
                 continue
@@ -107,6 +110,7 @@ class Supervisor:
         argv = [self.python, "-m", "lorakit", "train", *run.argv, "--events_log", str(run.events_path)]
         environment = dict(os.environ if self.environment is None else self.environment)
         environment["PYTHONUNBUFFERED"] = "1"
+        environment.update(read_secrets(run.folder))
         with open(run.log_path, "ab") as log:
             log.write(f"$ {shlex.join(argv)}\n".encode())
             log.flush()
@@ -116,7 +120,9 @@ class Supervisor:
         started = psutil.Process(child.pid).create_time()
         if not self.store.transition(run.id, ["queued"], "running", pid=child.pid, pid_started=started,
                                      started=time.time()):
-            os.killpg(child.pid, signal.SIGKILL)  # cancelled while it was being started
+            os.killpg(child.pid, signal.SIGKILL)  # cancelled, or started by another server, meanwhile
+            child.wait()
+            self.children.pop(run.id)
 
     # ------------------------------------------------------------------ what the page asks for
 
@@ -134,21 +140,30 @@ class Supervisor:
                     os.killpg(run.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
                 except ProcessLookupError:
                     pass  # it ended meanwhile: the next tick says how
+                except PermissionError:  # the pid is another user's now: the run is gone
+                    self.store.transition(run_id, ["stopping"], "running")
+                    return "not stopped: its process belongs to another user"
                 return "stopping"
             return run.status
 
     def resume(self, run_id: int) -> Run | None:
-        """Queue the run's continuation from its last state (once: asking again gives the same queued run)."""
+        """Queue the run's continuation from its last state (once: asking again, or asking a run that was already
+        continued, gives its continuation, so an older state never overwrites a newer run's files)."""
         with self._lock:
             run = self.store.get(run_id)
             if run is None or run.status not in RESUMABLE or not run.state:
                 return None
             for other in self.store.runs():
-                if other.resume_of == run_id and other.status in ("queued", *ACTIVE):
+                if other.resume_of == run_id and other.status != "cancelled":
                     return other
             argv = without_resume(run.argv) + ["--resume", run.state]
+
+            def prepare(folder: Path) -> list[str]:
+                write_secrets(folder, read_secrets(run.folder))
+                return argv
+
             return self.store.add(name=run.name, command=command_text(argv), output_dir=run.output_dir,
-                                  folder_of=self.folder_of, prepare=lambda folder: argv, resume_of=run_id)
+                                  folder_of=self.folder_of, prepare=prepare, resume_of=run_id)
 
     def folder_of(self, run_id: int) -> Path:
         return self.root / ".lorakit-ui" / "runs" / f"{run_id:05d}"
@@ -193,6 +208,23 @@ def without_resume(argv: list[str]) -> list[str]:
         elif not word.startswith("--resume="):
             kept.append(word)
     return kept
+
+
+SECRETS_FILE = "secrets.json"
+
+
+def write_secrets(folder: Path, environment: dict[str, str]) -> None:
+    """A run's secret environment variables, readable by this user only (nothing when there are none)."""
+    if environment:
+        path = folder / SECRETS_FILE
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            json.dump(environment, file)
+
+
+def read_secrets(folder: Path) -> dict[str, str]:
+    path = folder / SECRETS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def command_text(argv: list[str]) -> str:
