@@ -328,8 +328,7 @@ PARTNERS = {
     "max_bucket_reso": ["--enable_bucket", "--min_bucket_reso", "64"], "min_bucket_reso": ["--enable_bucket"],
     "lr_scheduler_type": ["--lr_scheduler_args", "step_size=10"], "lr_scheduler_args": ["--lr_scheduler_type", "StepLR"],
     "log_with": ["--logging_dir", "LOGS"],
-    **{name: ["--ema_decay", "0.99"] for name in ("ema_update_after_step", "ema_update_every", "ema_on_cpu",
-                                                  "sample_with_ema")},
+    **{name: ["--ema_decay", "0.99"] for name in ("ema_update_after_step", "ema_update_every", "ema_on_cpu")},
 }
 GOOD_VALUES = {
     "resolution": ["64"], "train_batch_size": ["2"], "min_bucket_reso": ["64"], "max_bucket_reso": ["128"],
@@ -357,7 +356,7 @@ NOT_WALKED = {"pretrained_model_name_or_path", "dataset_config", "output_dir", "
               "wandb_api_key", "wandb_run_name", "masked_loss", "mixed_precision", "torch_compile",
               "base_weights_multiplier", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
               "shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step",
-              "color_aug", "random_crop", "skip_until_initial_step", "sdpa"}
+              "color_aug", "random_crop", "skip_until_initial_step", "sdpa", "sample_with_ema"}
 INPUT_PATHS = {"vae": "--vae", "network_weights": "--network_weights", "resume": "--resume",
                "sample_prompts": "--sample_prompts", "log_tracker_config": "--log_tracker_config",
                "in_json": "--in_json", "train_data_dir": "--train_data_dir", "reg_data_dir": "--reg_data_dir",

@@ -100,6 +100,16 @@ def test_ema_flags_need_ema_decay(flag):
                           "--resolution", "64", *flag])
 
 
+@pytest.mark.parametrize("words, message", [
+    (["--sample_with_ema"], "--sample_with_ema needs --sample_prompts"),
+    (["--optimizer_type", "AdamWScheduleFree"], "--ema_decay with AdamWScheduleFree: a schedule-free optimizer"),
+])
+def test_ema_combinations_that_cannot_work_are_refused(words, message):
+    with pytest.raises(LorakitError, match=message):
+        parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "x",
+                          "--resolution", "64", "--ema_decay", "0.9", *words])
+
+
 @pytest.mark.parametrize("decay", ["1", "0", "nan", "1.5"])
 def test_ema_decay_is_between_0_and_1(decay):
     with pytest.raises(LorakitError, match="--ema_decay"):

@@ -193,8 +193,8 @@ def test_refused_flags_at_their_default_are_accepted():
 # Flags that need a partner flag to be valid, and those that cannot be given a plain value in this walk.
 PARTNERS = {
     "adaptive_noise_scale": ["--noise_offset", "0.03"],
-    **{name: ["--ema_decay", "0.99"] for name in ("ema_update_after_step", "ema_update_every", "ema_on_cpu",
-                                                  "sample_with_ema")},
+    **{name: ["--ema_decay", "0.99"] for name in ("ema_update_after_step", "ema_update_every", "ema_on_cpu")},
+    "sample_with_ema": ["--ema_decay", "0.99", "--sample_prompts", "prompts.txt"],
     "full_fp16": ["--mixed_precision", "fp16"], "full_bf16": ["--mixed_precision", "bf16"],
     "fp8_base": ["--mixed_precision", "bf16"], "fp8_base_unet": ["--mixed_precision", "bf16"],
     "scale_v_pred_loss_like_noise_pred": ["--v_parameterization"],

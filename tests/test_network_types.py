@@ -230,7 +230,6 @@ def test_each_kind_learns_on_the_tiny_model(kind, tiny_components, tiny_single_f
 @pytest.mark.parametrize("values, message", [
     ({"algo": "ia3"}, "expected lora, locon, dora, loha or lokr (install lycoris-lora"),
     ({"algo": "loha", "dora_wd": "True"}, "DoRA is built on LoRA"),
-    ({"algo": "lokr", "loraplus_lr_ratio": "16"}, "algo=lokr has none"),
     ({"factor": "4"}, "applies to algo=lokr only"),
     ({"algo": "lokr", "factor": "0"}, "expected -1"),
     ({"algo": "loha", "use_tucker": "True"}, "use_tucker=True: Tucker-decomposed convolutions are not built"),
@@ -251,7 +250,66 @@ def test_kind_selection_and_lycoris_names():
     assert parse_network_args({"disable_conv_cp": "True", "wd_on_output": "True", "use_tucker": "False"}).kind == "lora"
 
 
-def test_network_dropout_is_refused_for_kinds_that_build_the_weight(tiny):
+def test_network_dropout_and_lora_plus_are_refused_for_kinds_that_build_the_weight(tiny):
     with pytest.raises(LorakitError, match="--network_dropout drops LoRA's rank activations; loha modules"):
         build_network(copy.deepcopy(tiny.unet), [], network_dim=4, dropout=0.1, network_args={"algo": "loha"},
                       train_text_encoder=False)
+    with pytest.raises(LorakitError, match="LoRA's up matrices; the lokr modules have none"):
+        build_network(copy.deepcopy(tiny.unet), [], network_dim=4, train_text_encoder=False,
+                      network_args={"algo": "lokr", "loraplus_lr_ratio": "16"})
+
+
+def test_a_file_decides_the_kinds_and_variants_not_built_are_refused_by_name(tiny, tmp_path):
+    unet = copy.deepcopy(tiny.unet)
+    network = randomised(build_network(unet, [], network_dim=4, network_args={"algo": "loha"},
+                                       train_text_encoder=False))
+    path = tmp_path / "loha.safetensors"
+    save_network(network, path)
+    state, _ = read_lora(path)
+    for args, message in (({"loraplus_lr_ratio": "16"}, "the loha modules have none"),
+                          ({"algo": "lokr"}, "algo=lokr: the --dim_from_weights file holds loha modules")):
+        with pytest.raises(LorakitError, match=message):
+            network_from_file(copy.deepcopy(tiny.unet), [], state, path, network_args=args)
+    name = next(iter(state)).partition(".")[0]
+    tucker = {**state, f"{name}.hada_t1": torch.zeros(4, 4, 3, 3)}
+    with pytest.raises(LorakitError, match=rf"{name}\.hada_t1: a loha variant lorakit does not build"):
+        network_from_file(copy.deepcopy(tiny.unet), [], tucker, path)
+    foreign = {f"{name}.oft_blocks": torch.zeros(2, 2, 2)}
+    with pytest.raises(LorakitError, match="not a LoRA, DoRA, LoHa or LoKr module"):
+        network_from_file(copy.deepcopy(tiny.unet), [], foreign, path)
+
+
+def test_a_lokr_factor_that_does_not_divide_the_layer_is_one_line():
+    with pytest.raises(LorakitError, match="a 7x8 LoKr w1 does not divide the layer's 40x48 weight"):
+        ALGOS["lokr"]("lora_unet_x", nn.Linear(48, 40), 4, 1.0, w1_shape=(7, 8))
+
+
+def test_rank_dropout_rescales_only_when_asked():
+    layer = nn.Linear(48, 40)
+    weight = torch.ones(40, 48)
+    for scale, expected in ((True, 2.0), (False, 1.0)):
+        module = ALGOS["loha"]("lora_unet_x", layer, 4, 1.0, rank_dropout=0.5, rank_dropout_scale=scale).train()
+        kept = module.dropped(weight)
+        assert set(kept.unique().tolist()) <= {0.0, expected}
+    assert parse_network_args({"rank_dropout_scale": "False"}).rank_dropout_scale is False
+
+
+def test_merge_and_unmerge_refuse_to_run_twice():
+    module = randomised(ALGOS["lora"]("lora_unet_x", nn.Linear(48, 40), 4, 1.0))
+    with pytest.raises(RuntimeError, match="unmerge without merge"):
+        module.unmerge()
+    module.merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        module.merge()
+    module.unmerge()
+    assert not module.attached  # it was not attached before merging
+
+
+def test_lycoris_command_lines_get_lycoris_defaults():
+    from lorakit.network.plugins import lycoris_defaults
+
+    args, dropout = lycoris_defaults({"algo": "loha", "dropout": "0.1"}, 8, 4.0, None)
+    assert args == {"algo": "loha", "conv_dim": "8", "conv_alpha": "4.0", "rank_dropout_scale": "False"}
+    assert dropout == 0.1
+    with pytest.raises(LorakitError, match="dropout=0.1 and --network_dropout 0.2 disagree"):
+        lycoris_defaults({"dropout": "0.1"}, 8, 4.0, 0.2)

@@ -160,6 +160,16 @@ def test_events_log_records_the_start_every_step_each_save_and_the_end(tiny_sing
     assert [event["time"] for event in events] == sorted(event["time"] for event in events)
 
 
+def test_events_log_writes_strict_json(tmp_path):
+    from lorakit.train.events import EventsLog
+
+    with EventsLog(tmp_path / "events.jsonl") as events:
+        events.write("log", step=1, values={"loss/validation": float("nan"), "max_norm": float("inf"), "lr": 1e-4})
+    line = (tmp_path / "events.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line)["values"] == {"loss/validation": None, "max_norm": None, "lr": 1e-4}
+
+
 # ---------------------------------------------------------------------------------------------------- the flag walk
 # Every flag of the table is refused with its one line, or exercised by a named test (one that runs the behaviour,
 # not only parsing), or listed in NOT_YET_EXERCISED with the reason. The list may only shrink.

@@ -57,7 +57,7 @@ ROUND_TRIP_WORDS = {
     "tokenizer_cache_dir": ["tokenizers"], "conditioning_data_dir": ["masks"], "metadata_thumbnail": ["t.png"],
     "mixed_precision": ["bf16"], "full_fp16": ["--mixed_precision", "fp16"], "wandb_api_key": ["secret-key"],
     "wandb_run_name": ["my run"], "token_warmup_step": ["3"], "caption_dropout_rate": ["0.1"],
-    "caption_tag_dropout_rate": ["0.1"],
+    "caption_tag_dropout_rate": ["0.1"], "sample_with_ema": ["--ema_decay", "0.99", "--sample_prompts", "prompts.txt"],
 }
 
 

@@ -361,6 +361,11 @@ def _check_network_and_optimizer(config: TrainConfig) -> None:
                                           ("--sample_with_ema", config.sample_with_ema)) if value]
     if ema_flags and config.ema_decay is None:
         raise LorakitError(f"{ema_flags[0]} needs --ema_decay (the EMA's decay, e.g. 0.999)")
+    if config.sample_with_ema and not config.sample_prompts:
+        raise LorakitError("--sample_with_ema needs --sample_prompts (there are no samples to make)")
+    if config.ema_decay is not None and "schedulefree" in (config.optimizer_type or "").lower():
+        raise LorakitError(f"--ema_decay with {config.optimizer_type}: a schedule-free optimizer trains other weights "
+                           "than it saves, so their average would be of neither; use another optimizer or no EMA")
     fixed = config.lr_scheduler_type or (config.lr_scheduler if config.lr_scheduler in ("constant", "adafactor")
                                          else None)
     if fixed and config.lr_warmup_steps:

@@ -42,6 +42,7 @@ class NetworkArgs:
     algo: str = "lora"
     dora_wd: bool = False
     factor: int = -1
+    rank_dropout_scale: bool = True  # sd-scripts' LoRA rescales by 1/(1-p); LyCORIS' default is not to
 
     @property
     def kind(self) -> str:
@@ -164,7 +165,6 @@ NOT_BUILT = {
     "wd_on_output": "DoRA's magnitude is per output channel, as LyCORIS' default",
     "full_matrix": "LoKr keeps w2 whole only where its rank would not save anything, as LyCORIS decides",
     "unbalanced_factorization": "LoKr factors are balanced, as LyCORIS' default",
-    "rank_dropout_scale": "rank dropout rescales by 1/(1-p), as sd-scripts' LoRA does",
     "constraint": "OFT is not built natively", "rescaled": "OFT is not built natively",
 }
 
@@ -173,10 +173,6 @@ def _check_kind(args: NetworkArgs) -> None:
     if args.dora_wd and args.algo not in ("lora", "dora"):
         raise LorakitError(f"--network_args dora_wd=True: DoRA is built on LoRA (algo=lora dora_wd=True or "
                            f"algo=dora), not on algo={args.algo}")
-    if args.kind in ("loha", "lokr") and any(ratio for ratio in (args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio,
-                                                                 args.loraplus_text_encoder_lr_ratio)):
-        raise LorakitError(f"--network_args loraplus_*: LoRA+ raises the rate of LoRA's up matrices; "
-                           f"algo={args.algo} has none")
     if args.factor != -1 and args.kind != "lokr":
         raise LorakitError(f"--network_args factor={args.factor}: the Kronecker factor applies to algo=lokr only")
 
@@ -314,5 +310,6 @@ _PARSERS = {
     "loraplus_text_encoder_lr_ratio": _ratio,
     "algo": _algo,
     "dora_wd": _boolean,
+    "rank_dropout_scale": _boolean,
     "factor": _factor,
 }

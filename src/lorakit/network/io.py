@@ -166,12 +166,26 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
         raise LorakitError(f"{path}: cannot read as a LoRA file ({type(error).__name__}: {error})") from None
 
 
+# The tensors of each kind of module in LyCORIS' kohya format that lorakit builds.
+MODULE_TENSORS = {
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},
+}
+
+
 def file_modules(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict[str, ModuleSpec]:
     """lora_name -> its kind, rank and alpha, from the tensor names and shapes of a LoRA, DoRA, LoHa or LoKr file
-    (LyCORIS' kohya format); alpha defaults to the rank (old files)."""
+    (LyCORIS' kohya format); alpha defaults to the rank (old files). A module with tensors of a variant lorakit
+    does not build (Tucker factors, decomposed LoKr w1, other LyCORIS algorithms) is refused by name."""
+    suffixes: dict[str, set[str]] = {}
+    for key in state:
+        name, _, suffix = key.partition(".")
+        if name.startswith("lora_"):
+            suffixes.setdefault(name, set()).add(suffix)
     modules = {}
-    names = {key.partition(".")[0] for key in state}
-    for name in sorted(names):
+    for name, found in sorted(suffixes.items()):
         def tensor(suffix: str) -> Tensor | None:
             return state.get(f"{name}.{suffix}")
 
@@ -179,7 +193,11 @@ def file_modules(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict
             if down.dim() not in (2, 4):
                 raise LorakitError(f"{source}: tensor {name}.lora_down.weight has shape {tuple(down.shape)}; a "
                                    "lora_down weight is 2-D (Linear) or 4-D (Conv2d)")
-            algo, rank, extra = ("dora" if tensor("dora_scale") is not None else "lora"), down.shape[0], {}
+            algo, rank, extra = ("dora" if "dora_scale" in found else "lora"), down.shape[0], {}
+            magnitude, up = tensor("dora_scale"), tensor("lora_up.weight")
+            if magnitude is not None and up is not None and magnitude.shape[0] != up.shape[0]:
+                raise LorakitError(f"{source}: tensor {name}.dora_scale has shape {tuple(magnitude.shape)}: a DoRA "
+                                   "magnitude per input channel (LyCORIS' wd_on_output=False) is not built")
         elif (w1_b := tensor("hada_w1_b")) is not None:
             algo, rank, extra = "loha", _dims(source, f"{name}.hada_w1_b", w1_b, 2)[0], {}
         elif (w1 := tensor("lokr_w1")) is not None:
@@ -188,7 +206,12 @@ def file_modules(state: Mapping[str, Tensor], source: str | os.PathLike) -> dict
             algo = "lokr"
             extra = {"w1_shape": tuple(_dims(source, f"{name}.lokr_w1", w1, 2)), "factored_w2": w2_a is not None}
         else:
-            continue
+            raise LorakitError(f"{source}: module {name} has tensors {', '.join(sorted(found))}: not a LoRA, DoRA, "
+                               "LoHa or LoKr module lorakit builds (install lycoris-lora for other LyCORIS kinds)")
+        unknown = found - MODULE_TENSORS[algo]
+        if unknown:
+            raise LorakitError(f"{source}: tensor {name}.{min(unknown)}: a {algo} variant lorakit does not build "
+                               "(Tucker or decomposed factors); install lycoris-lora to use this file")
         alpha = tensor("alpha")
         if alpha is not None and alpha.numel() != 1:
             raise LorakitError(f"{source}: tensor {name}.alpha has shape {tuple(alpha.shape)}; expected one number")

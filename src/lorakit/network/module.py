@@ -10,7 +10,7 @@ network's state dict holds exactly the file's tensors:
 - DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): LoRA's tensors and `dora_scale`, a
   learned magnitude m per output channel; the layer's weight becomes m · V / ‖V‖ with V = W + alpha/rank · up ∘ down
   and ‖·‖ the norm of each output channel; the multiplier scales the change: ΔW = multiplier · (m·V/‖V‖ − W)
-  (LyCORIS' and AUTOMATIC1111's formula)
+  (ComfyUI's formula; at multiplier 1 every reader agrees)
 - LoHa (Hyeon-Woo et al. 2022, FedPara): `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, `alpha`;
   ΔW = multiplier · alpha/rank · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)
 - LoKr (Yeh et al. 2024, LyCORIS): `lokr_w1`, and `lokr_w2` or its factors `lokr_w2_a`, `lokr_w2_b`; `alpha`;
@@ -18,7 +18,8 @@ network's state dict holds exactly the file's tensors:
   and AUTOMATIC1111 read the file)
 
 Dropouts (sd-scripts' names): `dropout` drops elements of the rank activations (LoRA, DoRA), `rank_dropout` whole
-ranks (LoRA, DoRA) or whole output channels of ΔW (LoHa, LoKr, as LyCORIS does), `module_dropout` the whole branch.
+ranks (LoRA, DoRA) or whole output channels of ΔW (LoHa, LoKr, as LyCORIS does), rescaled by 1/(1 − p) when
+`rank_dropout_scale` (sd-scripts' LoRA always is; LyCORIS only when asked), `module_dropout` the whole branch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from lorakit.errors import LorakitError
+
 
 class AdapterModule(nn.Module):
     """What every kind shares: the hook on the base layer, the multiplier, the dropouts, alpha and merging.
@@ -41,7 +44,8 @@ class AdapterModule(nn.Module):
     delta_depends_on_base = False
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None, *, multiplier: float,
-                 dropout: float | None, rank_dropout: float | None, module_dropout: float | None) -> None:
+                 dropout: float | None, rank_dropout: float | None, module_dropout: float | None,
+                 rank_dropout_scale: bool = True) -> None:
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{lora_name}: an adapter needs a Linear or Conv2d layer, got {type(base).__name__}")
@@ -55,11 +59,12 @@ class AdapterModule(nn.Module):
         self.multiplier = multiplier
         self.dropout = dropout
         self.rank_dropout = rank_dropout
+        self.rank_dropout_scale = rank_dropout_scale
         self.module_dropout = module_dropout
         # Not a submodule: keeps the base layer out of this module's state dict, `.to()` and `.parameters()`.
         object.__setattr__(self, "base", base)
         self._handle: RemovableHandle | None = None
-        self._merged: Tensor | None = None
+        self._merged: tuple | None = None  # set by merge: what unmerge needs
 
     def _refresh_scale(self) -> None:
         if float(self.alpha) == 0:  # alpha 0 means alpha = rank (no scaling), as in sd-scripts
@@ -101,22 +106,32 @@ class AdapterModule(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Add the branch into the base weights and detach (the module no longer adds anything)."""
+        if self._merged is not None:
+            raise RuntimeError(f"{self.lora_name}: already merged")
         weight = self.base.weight
         delta = self.delta_weight().to(weight.device)
-        self._merged = delta if self.delta_depends_on_base else None
+        # What unmerge takes out again: ΔW itself where it depends on the base weight, else how to recompute it.
+        self._merged = (delta if self.delta_depends_on_base else self.multiplier, self.attached)
         weight.copy_((weight.float() + delta).to(weight.dtype))
         self.detach()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take a merged branch back out of the base weights and attach again (exact in float32 weights)."""
-        weight = self.base.weight
-        delta = self._merged if self.delta_depends_on_base else self.delta_weight().to(weight.device)
-        if delta is None:
+        """Take a merged branch back out of the base weights (exact in float32 weights) and attach again if it was
+        attached before merging."""
+        if self._merged is None:
             raise RuntimeError(f"{self.lora_name}: unmerge without merge")
+        (kept, was_attached), weight = self._merged, self.base.weight
+        if self.delta_depends_on_base:
+            delta = kept
+        else:
+            multiplier, self.multiplier = self.multiplier, kept
+            delta = self.delta_weight().to(weight.device)
+            self.multiplier = multiplier
         weight.copy_((weight.float() - delta).to(weight.dtype))
         self._merged = None
-        self.attach()
+        if was_attached:
+            self.attach()
 
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.base.weight.shape)
@@ -134,7 +149,8 @@ class AdapterModule(nn.Module):
         if not (self.training and self.rank_dropout):
             return weight
         keep = torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout
-        return weight * keep.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype) / (1.0 - self.rank_dropout)
+        kept = weight * keep.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype)
+        return kept / (1.0 - self.rank_dropout) if self.rank_dropout_scale else kept
 
 
 class LoRAModule(AdapterModule):
@@ -144,9 +160,11 @@ class LoRAModule(AdapterModule):
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
                  multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 module_dropout: float | None = None, rank_dropout_scale: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__(lora_name, base, rank, alpha, multiplier=multiplier, dropout=dropout,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout)
+                         rank_dropout=rank_dropout, module_dropout=module_dropout,
+                         rank_dropout_scale=rank_dropout_scale)
         device = base.weight.device
         if isinstance(base, nn.Conv2d):
             # down keeps kernel, stride and padding so the branch has the base conv's output size; up is 1x1.
@@ -178,7 +196,8 @@ class LoRAModule(AdapterModule):
             elif h.dim() == 4:  # [B, rank, H, W]
                 mask = mask[:, :, None, None]
             h = h * mask
-            scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
+            if self.rank_dropout_scale:
+                scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
         return self.lora_up(h) * scale
 
     def delta_weight(self) -> Tensor:
@@ -227,9 +246,11 @@ class LoHaModule(AdapterModule):
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
                  multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 module_dropout: float | None = None, rank_dropout_scale: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__(lora_name, base, rank, alpha, multiplier=multiplier, dropout=dropout,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout)
+                         rank_dropout=rank_dropout, module_dropout=module_dropout,
+                         rank_dropout_scale=rank_dropout_scale)
         out_channels, *inputs = base.weight.shape
         options = {"device": base.weight.device, "dtype": dtype}
         self.hada_w1_a = nn.Parameter(torch.empty(out_channels, rank, **options))
@@ -263,19 +284,22 @@ class LoKrModule(AdapterModule):
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
                  multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, factor: int = -1, w1_shape: tuple[int, int] | None = None,
-                 factored_w2: bool | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 module_dropout: float | None = None, rank_dropout_scale: bool = True, factor: int = -1,
+                 w1_shape: tuple[int, int] | None = None, factored_w2: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         out_channels, in_channels, *kernel = base.weight.shape
         a, c = w1_shape or (factorization(out_channels, factor)[0], factorization(in_channels, factor)[0])
         if out_channels % a or in_channels % c:
-            raise ValueError(f"{lora_name}: a {a}x{c} LoKr w1 does not divide a {out_channels}x{in_channels} weight")
+            raise LorakitError(f"{lora_name}: a {a}x{c} LoKr w1 does not divide the layer's {out_channels}x"
+                               f"{in_channels} weight; is the file for another model?")
         b, d = out_channels // a, in_channels // c
         self.factored_w2 = rank < max(b, d) / 2 if factored_w2 is None else factored_w2
         super().__init__(lora_name, base, rank, alpha, multiplier=multiplier, dropout=dropout,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout)
+                         rank_dropout=rank_dropout, module_dropout=module_dropout,
+                         rank_dropout_scale=rank_dropout_scale)
         self.kernel = tuple(kernel)
         if not self.factored_w2:
-            self.scale = 1.0  # a whole w2 has no rank to scale by (LyCORIS stores alpha = rank)
+            self.scale = 1.0  # a whole w2 has no rank to scale by; readers ignore alpha then
         options = {"device": base.weight.device, "dtype": dtype}
         self.lokr_w1 = nn.Parameter(torch.empty(a, c, **options))
         nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))

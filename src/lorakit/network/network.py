@@ -224,7 +224,7 @@ def build_network(
     targets = lora.targets(unet if train_unet else None, text_encoders if train_text_encoder else [],
                            modules is not None or args.uses_conv)
     options = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": args.rank_dropout,
-               "module_dropout": args.module_dropout}
+               "module_dropout": args.module_dropout, "rank_dropout_scale": args.rank_dropout_scale}
     loras, parts = [], {}
     for target in targets:
         if modules is not None:
@@ -239,11 +239,23 @@ def build_network(
             kind_options = {"factor": args.factor} if args.kind == "lokr" else {}
             loras.append(ALGOS[args.kind](target.lora_name, target.module, rank, alpha, **options, **kind_options))
         parts[target.lora_name] = target.part
-    weight_kinds = sorted({lora.algo for lora in loras} & {"loha", "lokr"})
+    check_kinds(args, {lora.algo for lora in loras}, dropout, from_file=modules is not None)
+    return LoRANetwork(loras, parts, args, multiplier)
+
+
+def check_kinds(args: NetworkArgs, kinds: set[str], dropout: float | None, from_file: bool) -> None:
+    """What the options ask of the modules built (a --dim_from_weights file decides their kinds)."""
+    weight_kinds = sorted(kinds & {"loha", "lokr"})
     if dropout and weight_kinds:
         raise LorakitError(f"--network_dropout drops LoRA's rank activations; {weight_kinds[0]} modules build the "
                            "weight change instead (use --network_args rank_dropout= or module_dropout=)")
-    return LoRANetwork(loras, parts, args, multiplier)
+    if weight_kinds and any((args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio,
+                             args.loraplus_text_encoder_lr_ratio)):
+        raise LorakitError(f"--network_args loraplus_*: LoRA+ raises the rate of LoRA's up matrices; the "
+                           f"{weight_kinds[0]} modules have none")
+    if from_file and (args.kind != "lora" or args.factor != -1) and kinds != {args.kind}:
+        raise LorakitError(f"--network_args algo={args.kind}: the --dim_from_weights file holds "
+                           f"{', '.join(sorted(kinds))} modules, which it decides")
 
 
 def _planned(plan: RankPlan, target: Target) -> tuple[int, float | None]:

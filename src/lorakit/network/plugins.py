@@ -139,11 +139,12 @@ def served_natively(network_module: str | None) -> bool:
 
 def lycoris_defaults(network_args: Mapping[str, str] | None, network_dim: int | None, network_alpha: float | None,
                      dropout: float | None) -> tuple[dict[str, str], float | None]:
-    """LyCORIS' `create_network` defaults (`lycoris/kohya.py`): conv layers at the network's rank and alpha, and
-    `dropout=` as the rank-activation dropout (what --network_dropout is)."""
+    """LyCORIS' `create_network` defaults (`lycoris/kohya.py`): conv layers at the network's rank and alpha, rank
+    dropout without rescaling, and `dropout=` as the rank-activation dropout (what --network_dropout is)."""
     args = dict(network_args or {})
     args.setdefault("conv_dim", str(network_dim or 4))
     args.setdefault("conv_alpha", str(1.0 if network_alpha is None else network_alpha))
+    args.setdefault("rank_dropout_scale", "False")
     if "dropout" in args:
         text = args.pop("dropout")
         try:
@@ -152,7 +153,9 @@ def lycoris_defaults(network_args: Mapping[str, str] | None, network_dim: int | 
             raise LorakitError(f"--network_args dropout={text!r}: expected a probability in [0, 1)") from None
         if not 0 <= value < 1:
             raise LorakitError(f"--network_args dropout={text!r}: expected a probability in [0, 1)")
-        dropout = dropout if dropout else value or None
+        if dropout and value and dropout != value:
+            raise LorakitError(f"--network_args dropout={text} and --network_dropout {dropout} disagree: give one")
+        dropout = dropout or value or None
     return args, dropout
 
 

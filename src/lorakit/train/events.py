@@ -12,13 +12,14 @@ One object per line, each with `event` and `time` (Unix seconds):
 - `end`: `status` ("finished", "stopped" or "failed"), and `final` (finished), `state` and `resume` (stopped
   after the interruption save), `error` (failed: the one line the console got)
 
-Paths are absolute. Lines are appended and flushed one at a time, so a reader sees whole lines; only the main
-process writes.
+Paths are absolute; a value that is not a finite number is written as null (strict JSON). Lines are appended and
+flushed one at a time, so a reader sees whole lines; only the main process writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -49,8 +50,8 @@ class EventsLog:
     def write(self, event: str, **fields: Any) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields},
-                                    default=str, allow_nan=True) + "\n")
+        self._file.write(json.dumps(finite({"event": event, "time": round(time.time(), 3), **fields}),
+                                    default=str, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -63,3 +64,14 @@ class EventsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
