@@ -74,9 +74,7 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
     settings = Settings(Path(root), token, hosts)
     store = Store(settings.root / ".lorakit-ui" / "queue.sqlite3")
     supervisor = Supervisor(store, settings.root, environment=environment)
-    templates = Jinja2Templates(directory=str(resources.files("lorakit.ui") / "templates"))
-    templates.env.globals.update(csrf=settings.csrf, sections=run_form.sections, file_url=_file_url,
-                                 thumb_url=_thumb_url, time_text=_time_text)
+    pages = Pages(settings, store, supervisor)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -86,81 +84,114 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         yield
         supervisor.stop_thread()
 
-    async def page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
-        return templates.TemplateResponse(request, name, context, status_code=status_code)
+    routes = [
+        Route("/", pages.queue_page),
+        Route("/api/runs", pages.runs_json),
+        Route("/api/form", pages.form_json, methods=["POST"]),
+        Route("/api/inspect", pages.inspect_json),
+        Route("/new", pages.new_page),
+        Route("/new", pages.new_submit, methods=["POST"]),
+        Route("/datasets", pages.datasets_page),
+        Route("/datasets", pages.datasets_submit, methods=["POST"]),
+        Route("/runs/{run_id:int}", pages.run_page),
+        Route("/runs/{run_id:int}/stream", pages.run_stream),
+        Route("/runs/{run_id:int}/stop", pages.stop, methods=["POST"]),
+        Route("/runs/{run_id:int}/resume", pages.resume, methods=["POST"]),
+        Route("/runs/{run_id:int}/move", pages.move, methods=["POST"]),
+        Route("/files", pages.file),
+        Route("/thumb", pages.thumbnail),
+        Mount("/static", StaticFiles(directory=str(resources.files("lorakit.ui") / "static")), name="static"),
+    ]
+    # Pages and scripts compress about tenfold; the event stream is never buffered for it (Starlette skips it).
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(GZipMiddleware, minimum_size=1024)])
+    app.state.settings, app.state.store, app.state.supervisor = settings, store, supervisor
+    return Guard(app, settings)
+
+
+class Pages:
+    """The app's request handlers, over one root folder's settings, queue and supervisor."""
+
+    def __init__(self, settings: Settings, store: Store, supervisor: Supervisor) -> None:
+        self.settings, self.store, self.supervisor = settings, store, supervisor
+        self.templates = Jinja2Templates(directory=str(resources.files("lorakit.ui") / "templates"))
+        self.templates.env.globals.update(csrf=settings.csrf, sections=run_form.sections, file_url=_file_url,
+                                          thumb_url=_thumb_url, time_text=_time_text)
+
+    async def page(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        return self.templates.TemplateResponse(request, name, context, status_code=status_code)
 
     # ------------------------------------------------------------------ the queue
 
-    async def queue_page(request: Request) -> Response:
-        return await page(request, "queue.html", runs=[_run_row(run) for run in store.runs()])
+    async def queue_page(self, request: Request) -> Response:
+        return await self.page(request, "queue.html", runs=[_run_row(run) for run in self.store.runs()])
 
-    async def runs_json(request: Request) -> Response:
-        return JSONResponse([_run_row(run) for run in store.runs()])
+    async def runs_json(self, request: Request) -> Response:
+        return JSONResponse([_run_row(run) for run in self.store.runs()])
 
-    async def stop(request: Request) -> Response:
-        await checked_form(request, settings)
+    async def stop(self, request: Request) -> Response:
+        await checked_form(request, self.settings)
         run_id = request.path_params["run_id"]
-        result = await run_in_threadpool(supervisor.stop, run_id)
+        result = await run_in_threadpool(self.supervisor.stop, run_id)
         return _back(request, f"/runs/{run_id}", result)
 
-    async def resume(request: Request) -> Response:
-        await checked_form(request, settings)
-        resumed = await run_in_threadpool(supervisor.resume, request.path_params["run_id"])
+    async def resume(self, request: Request) -> Response:
+        await checked_form(request, self.settings)
+        resumed = await run_in_threadpool(self.supervisor.resume, request.path_params["run_id"])
         if resumed is None:
             raise HTTPException(409, "this run has no saved state to resume from")
         return _back(request, f"/runs/{resumed.id}", "queued")
 
-    async def move(request: Request) -> Response:
-        values = await checked_form(request, settings)
+    async def move(self, request: Request) -> Response:
+        values = await checked_form(request, self.settings)
         offset = -1 if values.get("offset") == "-1" else 1
-        store.move(request.path_params["run_id"], offset)
+        self.store.move(request.path_params["run_id"], offset)
         return _back(request, "/", "moved")
 
     # ------------------------------------------------------------------ the run form
 
-    async def new_page(request: Request) -> Response:
+    async def new_page(self, request: Request) -> Response:
         values: dict[str, str] = {}
         source = request.query_params.get("from")
-        if source and source.isdigit() and (run := store.get(int(source))) is not None:
+        if source and source.isdigit() and (run := self.store.get(int(source))) is not None:
             try:
-                imported = run_form.import_command(shlex.join(run.argv), settings.root)
+                imported = run_form.import_command(shlex.join(run.argv), self.settings.root)
             except LorakitError as error:
-                return await page(request, "form.html", values={}, error=f"run {run.id} cannot be duplicated: "
-                                  f"{one_line(error)}", check=None, status_code=400)
+                return await self.page(request, "form.html", values={}, error=f"run {run.id} cannot be duplicated: "
+                                       f"{one_line(error)}", check=None, status_code=400)
             imported.pop("resume", None)  # a duplicate starts afresh
             values = run_form.form_of_values(imported)
-        return await page(request, "form.html", values=values, error=None, check=None)
+        return await self.page(request, "form.html", values=values, error=None, check=None)
 
-    async def new_submit(request: Request) -> Response:
-        submitted = await checked_form(request, settings)
+    async def new_submit(self, request: Request) -> Response:
+        submitted = await checked_form(request, self.settings)
         action = submitted.get("action", "queue")
         values = {key: value for key, value in submitted.items() if key not in ("csrf", "action", "import_text")}
         try:
             if action in ("import_command", "import_toml"):
                 text = submitted.get("import_text", "")
-                imported = (run_form.import_command(text, settings.root) if action == "import_command"
+                imported = (run_form.import_command(text, self.settings.root) if action == "import_command"
                             else run_form.import_toml(text))
-                return await page(request, "form.html", values=run_form.form_of_values(imported), error=None,
-                                  check=None, notice=f"imported {len(imported)} settings")
+                return await self.page(request, "form.html", values=run_form.form_of_values(imported), error=None,
+                                       check=None, notice=f"imported {len(imported)} settings")
             argv = run_form.argv_of_form(values)
             await run_in_threadpool(run_form.check, argv)
         except LorakitError as error:
-            return await page(request, "form.html", values=values, error=one_line(error), check=None,
-                              status_code=400)
+            return await self.page(request, "form.html", values=values, error=one_line(error), check=None,
+                                   status_code=400)
         if action == "check":
             preview = await run_in_threadpool(dataset_preview, argv)
             for dataset in preview["datasets"]:
-                settings.previewed.update(Path(folder).resolve() for folder in dataset["image_dirs"])
-            checked = await run_in_threadpool(dry_run, argv, settings.root)
-            return await page(request, "form.html", values=values, error=None,
-                              check={"preview": preview, "dry_run": checked, "command": run_form.command_of(argv),
-                                     "toml": run_form.toml_of(argv)})
-        run = await run_in_threadpool(queue_run, store, supervisor, settings.root, argv)
+                self.settings.previewed.update(Path(folder).resolve() for folder in dataset["image_dirs"])
+            checked = await run_in_threadpool(dry_run, argv, self.settings.root)
+            return await self.page(request, "form.html", values=values, error=None,
+                                   check={"preview": preview, "dry_run": checked, "command": run_form.command_of(argv),
+                                          "toml": run_form.toml_of(argv)})
+        run = await run_in_threadpool(queue_run, self.store, self.supervisor, self.settings.root, argv)
         return RedirectResponse(f"/runs/{run.id}", status_code=303)
 
-    async def form_json(request: Request) -> Response:
+    async def form_json(self, request: Request) -> Response:
         """The form as the page has it now: its error, or the command and TOML it makes."""
-        submitted = await checked_form(request, settings)
+        submitted = await checked_form(request, self.settings)
         values = {key: value for key, value in submitted.items() if key not in ("csrf", "action", "import_text")}
         try:
             argv = run_form.argv_of_form(values)
@@ -172,26 +203,26 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
 
     # ------------------------------------------------------------------ datasets
 
-    async def datasets_page(request: Request) -> Response:
+    async def datasets_page(self, request: Request) -> Response:
         chosen = request.query_params.get("path", "")
         text = ""
         if chosen:
-            path = _inside(settings, chosen)
+            path = _inside(self.settings, chosen)
             try:
                 text = path.read_text(encoding="utf-8") if path.is_file() else ""
             except (OSError, UnicodeDecodeError) as error:
                 raise HTTPException(400, f"{chosen}: cannot be read as UTF-8 text ({type(error).__name__})") from None
-        return await page(request, "datasets.html", files=_dataset_files(settings.root), chosen=chosen, text=text,
-                          preview=None, error=None)
+        return await self.page(request, "datasets.html", files=_dataset_files(self.settings.root), chosen=chosen,
+                               text=text, preview=None, error=None)
 
-    async def datasets_submit(request: Request) -> Response:
-        submitted = await checked_form(request, settings)
+    async def datasets_submit(self, request: Request) -> Response:
+        submitted = await checked_form(request, self.settings)
         chosen, text = submitted.get("path", "").strip(), submitted.get("text", "")
         if not chosen.endswith(".toml"):
-            return await page(request, "datasets.html", files=_dataset_files(settings.root), chosen=chosen,
-                              text=text, preview=None, error="name a .toml file under the root folder",
-                              status_code=400)
-        path = _inside(settings, chosen)
+            return await self.page(request, "datasets.html", files=_dataset_files(self.settings.root), chosen=chosen,
+                                   text=text, preview=None, error="name a .toml file under the root folder",
+                                   status_code=400)
+        path = _inside(self.settings, chosen)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             temporary.write_text(text, encoding="utf-8")
@@ -199,27 +230,27 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         argv = [f"--dataset_config={path}", "--pretrained_model_name_or_path=not-read-by-the-dataset-preview"]
         preview = await run_in_threadpool(dataset_preview, argv)
         for dataset in preview["datasets"]:
-            settings.previewed.update(Path(folder).resolve() for folder in dataset["image_dirs"])
-        return await page(request, "datasets.html", files=_dataset_files(settings.root), chosen=chosen, text=text,
-                          preview=preview, error=preview["error"])
+            self.settings.previewed.update(Path(folder).resolve() for folder in dataset["image_dirs"])
+        return await self.page(request, "datasets.html", files=_dataset_files(self.settings.root), chosen=chosen,
+                               text=text, preview=preview, error=preview["error"])
 
     # ------------------------------------------------------------------ a run
 
-    async def run_page(request: Request) -> Response:
-        run = _run_or_404(store, request.path_params["run_id"])
-        resumes = [other.id for other in store.runs() if other.resume_of == run.id]
-        return await page(request, "run.html", run=_run_row(run), log=tail_lines(run.log_path, 40),
-                          resumes=resumes)
+    async def run_page(self, request: Request) -> Response:
+        run = _run_or_404(self.store, request.path_params["run_id"])
+        resumes = [other.id for other in self.store.runs() if other.resume_of == run.id]
+        return await self.page(request, "run.html", run=_run_row(run), log=tail_lines(run.log_path, 40),
+                               resumes=resumes)
 
-    async def run_stream(request: Request) -> Response:
+    async def run_stream(self, request: Request) -> Response:
         """Server-sent events: the run's new events (samples with their prompts), its status and its log's tail."""
         run_id = request.path_params["run_id"]
-        _run_or_404(store, run_id)
+        _run_or_404(self.store, run_id)
 
         async def messages():
             offset, last_status, last_log = 0, None, None
             while not await request.is_disconnected():
-                run = store.get(run_id)
+                run = self.store.get(run_id)
                 new, offset = read_events(run.events_path, offset)
                 payload: dict[str, Any] = {}
                 if new:
@@ -239,21 +270,21 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         return StreamingResponse(messages(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    async def inspect_json(request: Request) -> Response:
+    async def inspect_json(self, request: Request) -> Response:
         from lorakit.network.inspect import format_summary, inspect_file
 
-        path = _allowed_file(settings, store, request.query_params.get("path", ""))
+        path = _allowed_file(self.settings, self.store, request.query_params.get("path", ""))
         try:
-            return PlainTextResponse(format_summary(inspect_file(str(path))))
+            return PlainTextResponse(format_summary(await run_in_threadpool(inspect_file, str(path))))
         except LorakitError as error:
             return PlainTextResponse(one_line(error), status_code=400)
 
     # ------------------------------------------------------------------ files
 
-    async def file(request: Request) -> Response:
+    async def file(self, request: Request) -> Response:
         """Images and plain text are shown; anything else (a LoRA, an HTML file) is only ever downloaded, and
         nothing served here may run scripts under this server's address."""
-        path = _allowed_file(settings, store, request.query_params.get("path", ""))
+        path = _allowed_file(self.settings, self.store, request.query_params.get("path", ""))
         shown = path.suffix.lower() in SHOWN_TYPES and request.query_params.get("download") != "1"
         return FileResponse(path, media_type=SHOWN_TYPES.get(path.suffix.lower(), "application/octet-stream"),
                             filename=None if shown else path.name,
@@ -261,8 +292,8 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
                             headers={"X-Content-Type-Options": "nosniff",
                                      "Content-Security-Policy": "sandbox; default-src 'none'"})
 
-    async def thumbnail(request: Request) -> Response:
-        path = _allowed_file(settings, store, request.query_params.get("path", ""))
+    async def thumbnail(self, request: Request) -> Response:
+        path = _allowed_file(self.settings, self.store, request.query_params.get("path", ""))
         size = int(request.query_params.get("size", "160")) if request.query_params.get("size", "").isdigit() else 160
         side = min(THUMBNAIL_SIDES, key=lambda s: abs(s - size))
         try:
@@ -270,29 +301,6 @@ def create_app(root: str | Path, *, token: str | None = None, hosts: tuple[str, 
         except (OSError, Image.DecompressionBombError, ValueError):
             raise HTTPException(415, f"{path.name}: not an image this app can show") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
-
-    routes = [
-        Route("/", queue_page),
-        Route("/api/runs", runs_json),
-        Route("/api/form", form_json, methods=["POST"]),
-        Route("/api/inspect", inspect_json),
-        Route("/new", new_page),
-        Route("/new", new_submit, methods=["POST"]),
-        Route("/datasets", datasets_page),
-        Route("/datasets", datasets_submit, methods=["POST"]),
-        Route("/runs/{run_id:int}", run_page),
-        Route("/runs/{run_id:int}/stream", run_stream),
-        Route("/runs/{run_id:int}/stop", stop, methods=["POST"]),
-        Route("/runs/{run_id:int}/resume", resume, methods=["POST"]),
-        Route("/runs/{run_id:int}/move", move, methods=["POST"]),
-        Route("/files", file),
-        Route("/thumb", thumbnail),
-        Mount("/static", StaticFiles(directory=str(resources.files("lorakit.ui") / "static")), name="static"),
-    ]
-    # Pages and scripts compress about tenfold; the event stream is never buffered for it (Starlette skips it).
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(GZipMiddleware, minimum_size=1024)])
-    app.state.settings, app.state.store, app.state.supervisor = settings, store, supervisor
-    return Guard(app, settings)
 
 
 # ---------------------------------------------------------------------------------------------- security
