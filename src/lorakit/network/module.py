@@ -43,9 +43,9 @@ class AdapterModule(nn.Module):
     # Whether ΔW depends on the base weight (DoRA's does): merging then keeps ΔW, for unmerge.
     delta_depends_on_base = False
 
-    def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None, *, multiplier: float,
-                 dropout: float | None, rank_dropout: float | None, module_dropout: float | None,
-                 rank_dropout_scale: bool = True) -> None:
+    def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
+                 multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, rank_dropout_scale: bool = True) -> None:
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{lora_name}: an adapter needs a Linear or Conv2d layer, got {type(base).__name__}")
@@ -159,12 +159,9 @@ class LoRAModule(AdapterModule):
     algo = "lora"
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
-                 multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, rank_dropout_scale: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(lora_name, base, rank, alpha, multiplier=multiplier, dropout=dropout,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout,
-                         rank_dropout_scale=rank_dropout_scale)
+                 dtype: torch.dtype = torch.float32, **options) -> None:
+        """`options`: AdapterModule's (multiplier and dropouts)."""
+        super().__init__(lora_name, base, rank, alpha, **options)
         device = base.weight.device
         if isinstance(base, nn.Conv2d):
             # down keeps kernel, stride and padding so the branch has the base conv's output size; up is 1x1.
@@ -245,12 +242,9 @@ class LoHaModule(AdapterModule):
     algo = "loha"
 
     def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
-                 multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, rank_dropout_scale: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(lora_name, base, rank, alpha, multiplier=multiplier, dropout=dropout,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout,
-                         rank_dropout_scale=rank_dropout_scale)
+                 dtype: torch.dtype = torch.float32, **options) -> None:
+        """`options`: AdapterModule's (multiplier and dropouts)."""
+        super().__init__(lora_name, base, rank, alpha, **options)
         out_channels, *inputs = base.weight.shape
         options = {"device": base.weight.device, "dtype": dtype}
         self.hada_w1_a = nn.Parameter(torch.empty(out_channels, rank, **options))
@@ -282,11 +276,11 @@ class LoKrModule(AdapterModule):
 
     algo = "lokr"
 
-    def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *,
-                 multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, rank_dropout_scale: bool = True, factor: int = -1,
+    def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float | None = None, *, factor: int = -1,
                  w1_shape: tuple[int, int] | None = None, factored_w2: bool | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, **options) -> None:
+        """`factor` splits the weight as LyCORIS does; a file gives `w1_shape` and `factored_w2` instead.
+        `options`: AdapterModule's (multiplier and dropouts)."""
         out_channels, in_channels, *kernel = base.weight.shape
         a, c = w1_shape or (factorization(out_channels, factor)[0], factorization(in_channels, factor)[0])
         if out_channels % a or in_channels % c:
@@ -294,9 +288,7 @@ class LoKrModule(AdapterModule):
                                f"{in_channels} weight; is the file for another model?")
         b, d = out_channels // a, in_channels // c
         self.factored_w2 = rank < max(b, d) / 2 if factored_w2 is None else factored_w2
-        super().__init__(lora_name, base, rank, alpha, multiplier=multiplier, dropout=dropout,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout,
-                         rank_dropout_scale=rank_dropout_scale)
+        super().__init__(lora_name, base, rank, alpha, **options)
         self.kernel = tuple(kernel)
         if not self.factored_w2:
             self.scale = 1.0  # a whole w2 has no rank to scale by; readers ignore alpha then

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     write(args.out, args.size, args.seed, DTYPES[args.dtype], family)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"wrote {args.out}: {args.size} {TITLES[args.family]}, {args.format}, {args.dtype}, seed {args.seed}, "
-          f"{_size_bytes(args.out) / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s, peak RSS {peak_gib:.2f} GiB")
+          f"{_size_bytes(args.out) / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s, "
+          f"peak RSS {peak_gib:.2f} GiB")
     return 0
 
 

@@ -80,17 +80,23 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def resume_command(argv: Sequence[str], state_dir: str | Path, executable: str = sys.executable) -> str:
-    """The command line that continues this run: the original one (any --resume dropped) plus --resume."""
-    program, args = argv[0], list(argv[1:])
+def without_flags(argv: Sequence[str], names: set[str]) -> list[str]:
+    """`argv` without the flags `names` (`--name value` or `--name=value`)."""
     kept, skip = [], False
-    for arg in args:
+    for word in argv:
+        name = word[2:].split("=", 1)[0] if word.startswith("--") else None
         if skip:
             skip = False
-        elif arg == "--resume":
-            skip = True
-        elif not arg.startswith("--resume="):
-            kept.append(arg)
+        elif name in names:
+            skip = "=" not in word
+        else:
+            kept.append(word)
+    return kept
+
+
+def resume_command(argv: Sequence[str], state_dir: str | Path, executable: str = sys.executable) -> str:
+    """The command line that continues this run: the original one (any --resume dropped) plus --resume."""
+    program, kept = argv[0], without_flags(argv[1:], {"resume"})
     if Path(program).name == "__main__.py":
         prefix = [executable, "-m", Path(program).parent.name]
     elif program.endswith(".py"):

@@ -21,6 +21,7 @@ from lorakit.config import Flag, iter_flags, parse_train_args, read_config_file
 from lorakit.config.parse import NOT_IN_FILES, command_line_values, help_text
 from lorakit.config.train_config import GROUPS
 from lorakit.errors import LorakitError, one_line
+from lorakit.train.interrupt import without_flags
 
 PROG = "sdxl_train_network.py"
 # The settings of the seed command (DESIGN.md), shown first; the rest is folded by group.
@@ -167,16 +168,7 @@ def secret_environment(argv: list[str]) -> dict[str, str]:
 
 def without_secrets(argv: list[str]) -> list[str]:
     """`argv` with every secret flag left out."""
-    kept, skip = [], False
-    for word in argv:
-        name = word[2:].split("=", 1)[0] if word.startswith("--") else None
-        if skip:
-            skip = False
-        elif name in SECRET_ENVIRONMENT:
-            skip = "=" not in word
-        else:
-            kept.append(word)
-    return kept
+    return without_flags(argv, set(SECRET_ENVIRONMENT))
 
 
 def command_of(argv: list[str]) -> str:

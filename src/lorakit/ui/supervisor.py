@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from lorakit.train.interrupt import without_flags
 from lorakit.ui.store import ACTIVE, RESUMABLE, Run, Store
 from lorakit.ui.watch import RunWatch
 
@@ -156,7 +157,7 @@ class Supervisor:
             for other in self.store.runs():
                 if other.resume_of == run_id and other.status != "cancelled":
                     return other
-            argv = without_resume(run.argv) + ["--resume", run.state]
+            argv = without_flags(run.argv, {"resume"}) + ["--resume", run.state]  # a resumed run's newer state
 
             def prepare(folder: Path) -> list[str]:
                 write_secrets(folder, read_secrets(run.folder))
@@ -195,19 +196,6 @@ def last_error_line(run: Run) -> str:
     lines = tail_lines(run.log_path, 20)
     errors = [line for line in lines if "error" in line.lower()]
     return (errors or lines or ["no output"])[-1][:300]
-
-
-def without_resume(argv: list[str]) -> list[str]:
-    """`argv` without its --resume (a resumed run resumed again continues from the newer state)."""
-    kept, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == "--resume":
-            skip = True
-        elif not word.startswith("--resume="):
-            kept.append(word)
-    return kept
 
 
 SECRETS_FILE = "secrets.json"
