@@ -15,11 +15,11 @@ from torch.nn import functional as F
 
 from lorakit.cli import main as lorakit_main
 from lorakit.errors import LorakitError
-from lorakit.network import apply_lora, build_network, load_network_weights, network_from_file, read_lora, save_network
+from lorakit.network import build_network, load_network_weights, network_from_file, read_lora, save_network
 from lorakit.network.args import parse_network_args
 from lorakit.network.module import ALGOS
 from lorakit.testing.random_models import random_components
-from test_training import LEARNING_MARGIN, STEPS, fixed_loss, image_latents, one_image, run  # noqa: F401
+from test_training import LEARNING_MARGIN, STEPS, loss_before_and_after, one_image, run  # noqa: F401
 
 KINDS = ("lora", "dora", "loha", "lokr")
 LAYERS = {"linear": lambda: nn.Linear(48, 40), "conv1x1": lambda: nn.Conv2d(32, 40, 1),
@@ -209,21 +209,10 @@ def test_each_kind_learns_on_the_tiny_model(kind, tiny_components, tiny_single_f
     result = run(tiny_single_file, dataset, tmp_path, "--max_train_steps", str(STEPS), "--learning_rate", "3e-2",
                  "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
                  "--optimizer_type", "AdamW", "--network_args", f"algo={kind}")
-    state, metadata = read_lora(result.final_file)
+    _, metadata = read_lora(result.final_file)
     assert json.loads(metadata["ss_network_args"]) == {"algo": kind}
-    from lorakit.train.step import TextEncoding
-
-    c = tiny_components
-    caption = image.with_suffix(".txt").read_text().strip()
-    with torch.no_grad():
-        context, pooled = TextEncoding(c.tokenizer1, c.tokenizer2, c.text_encoder1, c.text_encoder2, None)([caption])
-    latents = image_latents(c.vae, image)
-    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
-    unet = copy.deepcopy(c.unet)
-    before = fixed_loss(unet, latents, context, pooled, time_ids)
-    network = apply_lora({"unet": unet}, result.final_file)
+    before, after, network = loss_before_and_after(tiny_components, image, result.final_file)
     assert network.kinds == {kind}
-    after = fixed_loss(unet, latents, context, pooled, time_ids)
     assert after < before - LEARNING_MARGIN, (before, after)
 
 

@@ -81,7 +81,13 @@ def test_training_on_one_image_lowers_the_loss_at_fixed_timesteps_and_noise(tiny
                  "--optimizer_type", "AdamW")
     assert result.global_step == STEPS and result.final_file == tmp_path / "lora.safetensors"
 
-    c = tiny_components
+    before, after, _ = loss_before_and_after(tiny_components, image, result.final_file)
+    assert after < before - LEARNING_MARGIN, (before, after)
+
+
+def loss_before_and_after(components, image: Path, lora: Path):
+    """The fixed-timestep loss on a captioned image without and with a LoRA file (its network, applied)."""
+    c = components
     caption = image.with_suffix(".txt").read_text().strip()
     with torch.no_grad():
         context, pooled = TextEncoding(c.tokenizer1, c.tokenizer2, c.text_encoder1, c.text_encoder2, None)([caption])
@@ -89,9 +95,8 @@ def test_training_on_one_image_lowers_the_loss_at_fixed_timesteps_and_noise(tiny
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
     unet = copy.deepcopy(c.unet)
     before = fixed_loss(unet, latents, context, pooled, time_ids)
-    apply_lora({"unet": unet}, result.final_file)
-    after = fixed_loss(unet, latents, context, pooled, time_ids)
-    assert after < before - LEARNING_MARGIN, (before, after)
+    network = apply_lora({"unet": unet}, lora)
+    return before, fixed_loss(unet, latents, context, pooled, time_ids), network
 
 
 

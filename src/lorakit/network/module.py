@@ -136,22 +136,6 @@ class AdapterModule(nn.Module):
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.base.weight.shape)
 
-    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The base layer's operation with another weight and no bias (the branch of a kind that builds ΔW)."""
-        x = x.to(weight.dtype)
-        if self.is_conv:
-            base = self.base
-            return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
-        return F.linear(x, weight)
-
-    def dropped(self, weight: Tensor) -> Tensor:
-        """Rank dropout of a kind that builds ΔW: whole output channels of it (LyCORIS' rule)."""
-        if not (self.training and self.rank_dropout):
-            return weight
-        keep = torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout
-        kept = weight * keep.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype)
-        return kept / (1.0 - self.rank_dropout) if self.rank_dropout_scale else kept
-
 
 class LoRAModule(AdapterModule):
     """`y = base(x) + up(down(x)) · multiplier · alpha / rank`."""
@@ -236,7 +220,39 @@ class DoRAModule(LoRAModule):
         return self.multiplier * (decomposed - self.base.weight.float())
 
 
-class LoHaModule(AdapterModule):
+class WeightFormModule(AdapterModule):
+    """A kind that builds ΔW from its factors (LoHa, LoKr) and applies it with the base layer's operation."""
+
+    def unscaled_delta(self) -> Tensor:
+        """ΔW before alpha/rank and the multiplier, shaped like the base weight."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.skipped():
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        return self.apply_weight(x, self.dropped(self.unscaled_delta()) * (self.scale * self.multiplier))
+
+    def delta_weight(self) -> Tensor:
+        return self.unscaled_delta().float() * (self.scale * self.multiplier)
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's operation with another weight and no bias."""
+        x = x.to(weight.dtype)
+        if self.is_conv:
+            base = self.base
+            return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, weight)
+
+    def dropped(self, weight: Tensor) -> Tensor:
+        """Rank dropout: whole output channels of ΔW (LyCORIS' rule)."""
+        if not (self.training and self.rank_dropout):
+            return weight
+        keep = torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout
+        kept = weight * keep.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype)
+        return kept / (1.0 - self.rank_dropout) if self.rank_dropout_scale else kept
+
+
+class LoHaModule(WeightFormModule):
     """Hadamard product of two low-rank pairs; each w*_b spans the input channels and the kernel, flattened."""
 
     algo = "loha"
@@ -261,16 +277,8 @@ class LoHaModule(AdapterModule):
         """(w1_a @ w1_b) ⊙ (w2_a @ w2_b), shaped like the base weight."""
         return ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)).view(self.weight_shape())
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.skipped():
-            return torch.zeros((), dtype=x.dtype, device=x.device)
-        return self.apply_weight(x, self.dropped(self.unscaled_delta()) * (self.scale * self.multiplier))
 
-    def delta_weight(self) -> Tensor:
-        return self.unscaled_delta().float() * (self.scale * self.multiplier)
-
-
-class LoKrModule(AdapterModule):
+class LoKrModule(WeightFormModule):
     """Kronecker product w1 ⊗ w2 of the weight's factorisation (out = a·b, in = c·d): w1 is a×c, w2 is
     b×d×kernel, whole or as w2_a @ w2_b (rank r) when r < max(b, d)/2, as LyCORIS decides."""
 
@@ -315,14 +323,6 @@ class LoKrModule(AdapterModule):
     def unscaled_delta(self) -> Tensor:
         """w1 ⊗ w2, shaped like the base weight."""
         return torch.kron(self.lokr_w1.view(*self.lokr_w1.shape, *[1] * len(self.kernel)), self.w2())
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.skipped():
-            return torch.zeros((), dtype=x.dtype, device=x.device)
-        return self.apply_weight(x, self.dropped(self.unscaled_delta()) * (self.scale * self.multiplier))
-
-    def delta_weight(self) -> Tensor:
-        return self.unscaled_delta().float() * (self.scale * self.multiplier)
 
 
 ALGOS: dict[str, type[AdapterModule]] = {kind.algo: kind for kind in (LoRAModule, DoRAModule, LoHaModule, LoKrModule)}
