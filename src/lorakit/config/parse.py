@@ -203,7 +203,8 @@ def write_config_file(values: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def normalise(config: TrainConfig) -> TrainConfig:
-    """sd-scripts' post-parse adjustments (aliases, implications, list forms) and the DESIGN.md decisions."""
+    """sd-scripts' post-parse adjustments (aliases, implications, list forms) and lorakit's own decisions (the
+    README's "Where lorakit differs")."""
     changes: dict[str, Any] = {}
     extension = config.caption_extention if config.caption_extention is not None else config.caption_extension
     changes["caption_extension"] = extension if not extension or extension.startswith(".") else "." + extension

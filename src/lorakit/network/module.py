@@ -24,6 +24,7 @@ ranks (LoRA, DoRA) or whole output channels of ΔW (LoHa, LoKr, as LyCORIS does)
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from lorakit.errors import LorakitError
 
 
-class AdapterModule(nn.Module):
+class AdapterModule(nn.Module, abc.ABC):
     """What every kind shares: the hook on the base layer, the multiplier, the dropouts, alpha and merging.
     A kind defines `forward(x)` (its branch) and `delta_weight()`."""
 
@@ -99,9 +100,9 @@ class AdapterModule(nn.Module):
         """Module dropout: in training, the whole branch is left out with this probability."""
         return self.training and self.module_dropout is not None and bool(torch.rand(1) < self.module_dropout)
 
+    @abc.abstractmethod
     def delta_weight(self) -> Tensor:
         """The branch as a change of the base layer's weight (float32, at the current multiplier)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -223,9 +224,9 @@ class DoRAModule(LoRAModule):
 class WeightFormModule(AdapterModule):
     """A kind that builds ΔW from its factors (LoHa, LoKr) and applies it with the base layer's operation."""
 
+    @abc.abstractmethod
     def unscaled_delta(self) -> Tensor:
         """ΔW before alpha/rank and the multiplier, shaped like the base weight."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         if self.skipped():

@@ -1,6 +1,6 @@
 """`lorakit demo`: a real training run on a tiny random SDXL-architecture checkpoint and synthetic captioned
-images in three aspect ratios, with the DESIGN.md seed command's settings scaled down. About a minute on 2 CPU
-cores; writes the LoRA, a loss curve PNG and a run summary, and prints where they are."""
+images in three aspect ratios, with the settings of the README's training command scaled down. About half a minute
+on 2 CPU cores; writes the LoRA, a loss curve PNG and a run summary, and prints where they are."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lorakit.fileio import atomic_path
 
 
 def seed_command(model: Path, dataset: Path, output: Path, *, epochs: int, optimizer: str, precision: str) -> list[str]:
-    """The DESIGN.md example, with the model, the dataset, the epochs and what a CPU cannot do swapped out."""
+    """The README's training command, with the model, the dataset, the epochs and what a CPU cannot do swapped out."""
     return [
         f"--pretrained_model_name_or_path={model}", f"--dataset_config={dataset}",
         f"--output_dir={output}", "--output_name=demo_lora", "--save_model_as=safetensors",

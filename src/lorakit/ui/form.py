@@ -24,7 +24,7 @@ from lorakit.errors import LorakitError, one_line
 from lorakit.train.interrupt import without_flags
 
 PROG = "sdxl_train_network.py"
-# The settings of the seed command (DESIGN.md), shown first; the rest is folded by group.
+# The settings of the README's training command, shown first; the rest is folded by group.
 SEED_FLAGS = (
     "pretrained_model_name_or_path", "dataset_config", "output_dir", "output_name", "save_model_as",
     "network_module", "network_dim", "network_alpha", "learning_rate", "unet_lr", "text_encoder_lr1",
