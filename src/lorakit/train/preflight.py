@@ -38,11 +38,11 @@ from lorakit.network.apply import file_network
 from lorakit.network.io import match_network_weights
 from lorakit.network.network import LoRANetwork
 from lorakit.network.plugins import import_network_module, served_natively
+from lorakit.train.ema import WeightAverage
 from lorakit.train.fused import check_fused_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.logs import check_logging
 from lorakit.train.metadata import thumbnail_url
-from lorakit.train.ema import WeightAverage
 from lorakit.train.resume import rehearse_restore
 from lorakit.train.run_setup import base_weight_multipliers, make_lr_scheduler, make_optimizer, new_network
 from lorakit.train.sample_prompts import SamplePrompt

@@ -136,6 +136,7 @@ def refuse_start_past_the_end(config: TrainConfig, start_step: int, max_train_st
 
 
 def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
+    events = events if events is not None else EventsLog(None)  # --events_log, which the caller opened
     # ------------------------------------------------------------------ data: every image scanned before any weights
     family = family_named(config.model_family)
     resumed = read_resumed(config.resume)
@@ -205,7 +206,7 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
     gas = config.gradient_accumulation_steps
     bar = tqdm(total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not main,
                dynamic_ncols=True)
-    if events is not None and main:
+    if main:
         events.write("start", pid=os.getpid(), max_train_steps=plan.max_train_steps, num_epochs=plan.num_epochs,
                      steps_per_epoch=plan.steps_per_epoch, first_step=run.global_step,
                      output_dir=str(checkpointer.names.output_dir.absolute()), output_name=config.output_name)

@@ -139,8 +139,8 @@ class Supervisor:
             if self.store.transition(run_id, ["running"], "stopping"):
                 try:
                     os.killpg(run.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
-                except ProcessLookupError:
-                    pass  # it ended meanwhile: the next tick says how
+                except ProcessLookupError:  # it ended meanwhile: the next tick says how
+                    return "stopping"
                 except PermissionError:  # the pid is another user's now: the run is gone
                     self.store.transition(run_id, ["stopping"], "running")
                     return "not stopped: its process belongs to another user"
