@@ -238,7 +238,8 @@ def _ratio(key: str, text: str) -> float:
     return _number(key, text, float, 0, MAX_LR_RATIO)
 
 
-def _fraction(key: str, text: str) -> float:
+def fraction(key: str, text: str) -> float:
+    """A dropout probability (also LyCORIS' `dropout=` of `lycoris.kohya`)."""
     value = _float(key, text)
     if not 0 <= value < 1:
         raise LorakitError(f"--network_args {key}={text}: expected a probability in [0, 1)")
@@ -303,8 +304,8 @@ _PARSERS = {
     "mid_lr_weight": _lr_weights(NUM_MID_BLOCKS, presets=False),
     "up_lr_weight": _lr_weights(NUM_IN_OUT_BLOCKS, presets=True),
     "block_lr_zero_threshold": _float,
-    "rank_dropout": _fraction,
-    "module_dropout": _fraction,
+    "rank_dropout": fraction,
+    "module_dropout": fraction,
     "loraplus_lr_ratio": _ratio,
     "loraplus_unet_lr_ratio": _ratio,
     "loraplus_text_encoder_lr_ratio": _ratio,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.network.args import fraction
 from lorakit.network.network import LoRANetwork, build_network
 from lorakit.network.targets import SDXL_LORA, LoRALayout
 
@@ -147,12 +148,7 @@ def lycoris_defaults(network_args: Mapping[str, str] | None, network_dim: int | 
     args.setdefault("rank_dropout_scale", "False")
     if "dropout" in args:
         text = args.pop("dropout")
-        try:
-            value = float(text)
-        except ValueError:
-            raise LorakitError(f"--network_args dropout={text!r}: expected a probability in [0, 1)") from None
-        if not 0 <= value < 1:
-            raise LorakitError(f"--network_args dropout={text!r}: expected a probability in [0, 1)")
+        value = fraction("dropout", text)
         if dropout and value and dropout != value:
             raise LorakitError(f"--network_args dropout={text} and --network_dropout {dropout} disagree: give one")
         dropout = dropout or value or None
