@@ -43,10 +43,13 @@ GB, GIB = 1e9, 2**30
 REFERENCE = {"seconds": 5.9, "max_rss": 16.9e9, "anon": 9.9e9}  # sd-scripts on this machine (issue 5)
 GOAL = {"seconds": 0.75, "max_rss": 0.45}  # fractions of sd-scripts' figures
 
-COMMON = ["--network_module", "networks.lora", "--network_dim", "8", "--network_train_unet_only",
-          "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing", "--cache_latents",
+COMMON = ["--network_module", "networks.lora", "--network_train_unet_only", "--cache_latents",
           "--cache_text_encoder_outputs", "--lr_scheduler", "constant", "--learning_rate", "1e-4", "--seed", "0",
           "--save_model_as", "safetensors", "--output_name", "bench"]
+PRECISION = {"bf16": ["--mixed_precision", "bf16", "--full_bf16"], "fp32": ["--mixed_precision", "no"]}
+PLANS = ("all", "budget", "none")
+PLAN_FLAGS = {"all": ["--gradient_checkpointing", "--gradient_checkpointing_blocks", "all"],
+              "budget": ["--gradient_checkpointing"], "none": []}
 RUNS = {
     "adamw": ["--optimizer_type", "AdamW"],
     "fused": ["--optimizer_type", "Adafactor", "--fused_backward_pass", "--optimizer_args", "scale_parameter=False",
@@ -60,6 +63,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (tiny 12, full 4)")
     parser.add_argument("--checkpoint", help="an SDXL single-file checkpoint to reuse instead of a random one")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=sorted(RUNS))
+    parser.add_argument("--plans", nargs="+", choices=PLANS, default=["all"],
+                        help="gradient checkpointing of each run: every block (sd-scripts), the budget plan "
+                        "(--budget-gb), none")
+    parser.add_argument("--budget-gb", type=float, help="--memory_budget_gb of the 'budget' plan (GiB)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 where the CPU (or GPU) multiplies bf16 at least half as fast as fp32, "
+                        "else fp32")
+    parser.add_argument("--dim", type=int, default=8, help="--network_dim")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--extra", default="", help="more `lorakit train` flags for every run, e.g. "
                         "'--torch_compile' (sd-scripts' figures are for the settings above)")
@@ -71,7 +82,10 @@ def main() -> None:
     if args.child:
         return run_child(json.loads(args.child))
 
+    if "budget" in args.plans and args.budget_gb is None:
+        parser.error("the 'budget' plan needs --budget-gb")
     steps = args.steps or (12 if args.size == "tiny" else 4)
+    precision = choose_precision(args.precision)
     work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
     checkpoint = args.checkpoint or str(work / f"random-{args.size}-fp16.safetensors")
     try:
@@ -83,14 +97,21 @@ def main() -> None:
             print(f"random {args.size} checkpoint written in {time.perf_counter() - started:.0f} s")
         dataset = write_dataset(work, args.resolution, steps)
         print(f"checkpoint {checkpoint} ({os.path.getsize(checkpoint) / GB:.2f} GB), {args.resolution} px, "
-              f"{steps} steps per run, {os.cpu_count()} CPUs" + (f", extra flags: {args.extra}" if args.extra else ""))
+              f"{steps} steps per run, {os.cpu_count()} CPUs, {device_name()}, {precision}, dim {args.dim}"
+              + (f", extra flags: {args.extra}" if args.extra else ""))
+        flops = step_flops(args.size, args.resolution, args.dim, precision)
         for name in args.runs:
-            argv = ["--pretrained_model_name_or_path", checkpoint, "--dataset_config", str(dataset),
-                    "--output_dir", str(work / name), "--max_train_steps", str(steps), *COMMON, *RUNS[name],
-                    *shlex.split(args.extra)]
-            load_before = _load_average()
-            result = _child({"argv": argv, "profile": args.profile, "fused": name == "fused"}, args.threads)
-            report(name, args.size, result, load_before, _load_average())
+            for plan in args.plans:
+                argv = ["--pretrained_model_name_or_path", checkpoint, "--dataset_config", str(dataset),
+                        "--output_dir", str(work / name), "--max_train_steps", str(steps), "--network_dim",
+                        str(args.dim), *COMMON, *PRECISION[precision], *PLAN_FLAGS[plan], *RUNS[name],
+                        *shlex.split(args.extra)]
+                if plan == "budget":
+                    argv += ["--memory_budget_gb", str(args.budget_gb)]
+                load_before = _load_average()
+                result = _child({"argv": argv, "profile": args.profile, "fused": name == "fused"}, args.threads)
+                report(f"{name}, checkpointing {plan}", args.size, result, load_before, _load_average(), flops,
+                       precision)
     finally:
         if not args.keep:
             shutil.rmtree(work)
@@ -110,7 +131,8 @@ def write_dataset(work: Path, resolution: int, repeats: int) -> Path:
     return path
 
 
-def report(name: str, size: str, result: dict, load_before: str, load_after: str) -> None:
+def report(name: str, size: str, result: dict, load_before: str, load_after: str, flops: float,
+           precision: str) -> None:
     steps = result["step_seconds"]
     kept = [i for i in range(1, len(steps)) if i != result.get("profiled_step")]
     median = statistics.median(steps[i] for i in kept) if kept else float("nan")
@@ -124,13 +146,94 @@ def report(name: str, size: str, result: dict, load_before: str, load_after: str
           f"{result['ru_maxrss'] / GB:.2f} GB), anonymous {memory['peak_RssAnon'] / GB:.2f} GB; during the steps "
           f"RSS {memory['steps_VmRSS'] / GB:.2f} GB, anonymous {memory['steps_RssAnon'] / GB:.2f} GB; "
           f"RSS at the first step {memory['first_step_VmRSS'] / GB:.2f} GB")
-    if size == "full" and name == "adamw":
+    on_gpu = result["cuda_max_allocated"] is not None
+    measured = result["cuda_max_allocated"] if on_gpu else memory["steps_VmRSS"]
+    if result["estimate"]:
+        print(f"  estimated peak {result['estimate'] / GIB:.2f} GiB, measured "
+              f"({'torch.cuda.max_memory_allocated' if on_gpu else 'RSS during the steps'}) {measured / GIB:.2f} "
+              f"GiB: estimate/measured {result['estimate'] / measured:.2f}")
+    print(f"  {result['plan']}")
+    rate = result["matmul_rate"]
+    print(f"  model FLOPs {flops / 1e12:.3f} TFLOP/step (forward + backward, no recomputation): "
+          f"{flops / median / 1e9:.1f} GFLOP/s = {flops / median / rate:.1%} of the measured {precision} "
+          f"matrix-product rate ({rate / 1e9:.0f} GFLOP/s, {result['threads']} threads)")
+    if size == "full" and name.startswith("adamw"):
         print(f"  vs sd-scripts (5.9 s/step, 16.9 GB max RSS): time {median / REFERENCE['seconds']:.2f}x "
               f"(goal <= {GOAL['seconds']}x), max RSS {memory['VmHWM'] / REFERENCE['max_rss']:.2f}x "
               f"(goal <= {GOAL['max_rss']}x)")
-    print(f"  load average before: {load_before}; after: {load_after}")
+    print(f"  load average before: {load_before}; after: {load_after}; {device_name()}")
     if result.get("profile"):
         print(result["profile"])
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}"
+    return f"CPU {torch.backends.cpu.get_cpu_capability()}"
+
+
+def choose_precision(asked: str) -> str:
+    """bf16 unless it multiplies at less than half the fp32 rate (CPUs without native bf16: ~450x slower)."""
+    if asked != "auto":
+        return asked
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    from lorakit.train.preflight import SLOW_BF16, matmul_rate
+
+    fast = matmul_rate(torch.bfloat16) >= SLOW_BF16 * matmul_rate(torch.float32)
+    print(f"CPU {torch.backends.cpu.get_cpu_capability()}: {'native' if fast else 'no native'} bf16, so "
+          f"{'bf16' if fast else 'fp32'}")
+    return "bf16" if fast else "fp32"
+
+
+def step_flops(size: str, resolution: int, dim: int, precision: str) -> float:
+    """FLOPs of one training step's forward and backward (torch's FlopCounterMode on the meta device: the
+    model's FLOPs, without gradient checkpointing's recomputation), U-Net with a LoRA of rank `dim`, batch 1."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.families import family_named
+    from lorakit.network.network import build_network
+
+    family = family_named("sdxl")
+    part = next(p for p in family.layout.parts() if p.attribute == "unet")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        unet = torch.nn.Module.to(part.build(part.config(size)), dtype)
+    network = build_network(unet, [], network_dim=dim, network_alpha=1, train_text_encoder=False, lora=family.lora)
+    network.attach()
+    network.to(dtype)
+    with torch.device("meta"):
+        noisy = torch.empty(1, 4, resolution // 8, resolution // 8, dtype=dtype)
+        sizes = torch.empty(1, 6, dtype=dtype)
+    with FlopCounterMode(display=False) as counter:
+        prediction = family.predict(unet, noisy, torch.zeros(1, dtype=torch.long, device="meta"),
+                                    family.text_stand_in(unet, 1, 77), sizes)
+        prediction.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+def matmul_rate(dtype) -> float:
+    """FLOP/s of a large matrix product in `dtype` with the process's threads (the best of 5 after a warm-up)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ a
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 # ---------------------------------------------------------------------------------------------------- the child
@@ -144,6 +247,7 @@ def run_child(spec: dict) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import lorakit.train.run_setup as run_setup
+    import lorakit.train.trainer as trainer
     from lorakit.families.base import ModelFamily
     from lorakit.train.cli import main as train_main
 
@@ -155,7 +259,8 @@ def run_child(spec: dict) -> None:
     sampler = MemorySampler()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if spec["profile"] else None
     fused = {"state": "no"}
-    load_family, build_optimizer = ModelFamily.load, run_setup.build_optimizer
+    load_family, build_optimizer, preflight = ModelFamily.load, run_setup.build_optimizer, trainer.preflight
+    checked = []
 
     def on_step_start(_module, _inputs) -> None:
         if not starts:
@@ -180,7 +285,12 @@ def run_child(spec: dict) -> None:
         built_optimizers.append(built)
         return built
 
+    def remembering_preflight(*args, **kwargs):
+        checked.append(preflight(*args, **kwargs))
+        return checked[-1]
+
     ModelFamily.load, run_setup.build_optimizer = loading_with_hook, remembering_optimizer
+    trainer.preflight = remembering_preflight
     register_optimizer_step_post_hook(lambda *_: last_optimizer_step.__setitem__(
         slice(None), [time.perf_counter(), time.process_time()]))
     sampler.start()
@@ -193,7 +303,12 @@ def run_child(spec: dict) -> None:
     status = _status()
     step_seconds = [b - a for a, b in zip(starts, starts[1:])] + [last_optimizer_step[0] - starts[-1]]
     cpu_seconds = [b - a for a, b in zip(cpu_starts, cpu_starts[1:])] + [last_optimizer_step[1] - cpu_starts[-1]]
+    memory = checked[0].memory if checked else None
     result = {
+        "estimate": memory.total if memory is not None else None,
+        "plan": memory.plan.describe() if memory is not None and memory.plan is not None else "no checkpointing",
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "matmul_rate": matmul_rate(torch.bfloat16 if "bf16" in spec["argv"] else torch.float32),
         "step_seconds": step_seconds, "cpu_seconds": cpu_seconds, "setup_seconds": starts[0] - started,
         "threads": torch.get_num_threads(),
         "fused": fused["state"], "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

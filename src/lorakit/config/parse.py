@@ -267,6 +267,7 @@ def validate(config: TrainConfig) -> None:
     _check_inputs(config)
     _check_ranges(config)
     _check_precision(config)
+    _check_checkpointing(config)
     _check_loss(config)
     _check_caching(config)
     _check_network_and_optimizer(config)
@@ -316,6 +317,15 @@ def _check_precision(config: TrainConfig) -> None:
     for name in ("fp8_base", "fp8_base_unet"):
         if getattr(config, name) and config.mixed_precision == "no":
             raise LorakitError(f"--{name} computes in the mixed-precision dtype: add --mixed_precision bf16 or fp16")
+
+
+def _check_checkpointing(config: TrainConfig) -> None:
+    if config.memory_budget_gb is not None and not config.gradient_checkpointing:
+        raise LorakitError(f"--memory_budget_gb {config.memory_budget_gb:g} plans gradient checkpointing: add "
+                           "--gradient_checkpointing")
+    if config.memory_budget_gb is not None and config.gradient_checkpointing_blocks == "all":
+        raise LorakitError(f"--memory_budget_gb {config.memory_budget_gb:g} chooses blocks to checkpoint; "
+                           "--gradient_checkpointing_blocks all checkpoints every block: drop one")
 
 
 def _check_loss(config: TrainConfig) -> None:

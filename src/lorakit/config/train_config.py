@@ -91,6 +91,14 @@ class TrainConfig:
     dynamo_backend: str = MODEL.flag("inductor", str, "torch.compile backend", choices=DYNAMO_BACKENDS)
     gradient_checkpointing: bool = MODEL.switch("recompute U-Net (and trained text-encoder) activations in "
                                                 "the backward pass to save memory")
+    gradient_checkpointing_blocks: str = MODEL.flag(
+        "auto", str, "with --gradient_checkpointing: 'auto' checkpoints only the U-Net blocks the memory budget "
+        "needs (largest activations first; every block on a CPU without --memory_budget_gb), 'all' every block "
+        "as sd-scripts does", choices=("auto", "all"), kohya=False)
+    memory_budget_gb: float | None = MODEL.flag(
+        None, number, "with --gradient_checkpointing: the step's peak memory to plan for, in GiB (default: the "
+        "GPU's free memory; on a CPU, every block is checkpointed unless this is given)", kohya=False,
+        bounds=ABOVE_0, metavar="GIB")
     cpu_offload_checkpointing: bool = MODEL.switch(
         "offload checkpointed activations to the CPU",
         refused="sd-scripts itself fails with it for SDXL; lorakit does not offload activations yet")

@@ -61,6 +61,11 @@ class ModelFamily(ABC):
         width of each image (SDXL conditions on them; other families ignore them)."""
 
     @abstractmethod
+    def text_stand_in(self, unet: nn.Module, batch_size: int, tokens: int) -> TextOutputs:
+        """Uninitialised text conditioning of a batch in the U-Net's shapes, device and dtype (the memory plan
+        runs the U-Net on the meta device with it)."""
+
+    @abstractmethod
     def sample(self, components: Components, unet: nn.Module, text_encoders: Sequence[nn.Module], prompt,
                seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype, scheduler,
                clip_skip: int | None = None) -> Image.Image:

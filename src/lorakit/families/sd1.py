@@ -167,6 +167,10 @@ class StableDiffusion(ModelFamily):
             noisy.dtype)
         return unet_model(noisy.to(dtype), timesteps, context.to(dtype)).sample
 
+    def text_stand_in(self, unet_model: nn.Module, batch_size: int, tokens: int) -> TextOutputs:
+        return (torch.empty(batch_size, tokens, unet_model.config.cross_attention_dim, device=unet_model.device,
+                            dtype=unet_model.dtype),)
+
     def sample(self, components: Components, unet_model: nn.Module, encoders: Sequence[nn.Module], prompt,
                seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype, scheduler,
                clip_skip: int | None = None) -> Image.Image:

@@ -50,6 +50,13 @@ class SDXL(ModelFamily):
         context, pooled = text
         return predict(unet, noisy, timesteps, context, pooled, sizes)
 
+    def text_stand_in(self, unet: nn.Module, batch_size: int, tokens: int) -> TextOutputs:
+        config = unet.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        like = {"device": unet.device, "dtype": unet.dtype}
+        return (torch.empty(batch_size, tokens, config.cross_attention_dim, **like),
+                torch.empty(batch_size, pooled, **like))
+
     def sample(self, components: Components, unet: nn.Module, text_encoders: Sequence[nn.Module], prompt,
                seed: int, *, v_parameterization: bool, device: torch.device, dtype: torch.dtype, scheduler,
                clip_skip: int | None = None) -> Image.Image:

@@ -42,6 +42,7 @@ from lorakit.train.ema import WeightAverage
 from lorakit.train.fused import check_fused_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.logs import check_logging
+from lorakit.train.memory import MemoryEstimate, Workload, estimate_memory
 from lorakit.train.metadata import thumbnail_url
 from lorakit.train.resume import rehearse_restore
 from lorakit.train.run_setup import base_weight_multipliers, make_lr_scheduler, make_optimizer, new_network
@@ -59,13 +60,15 @@ SLOW_BF16 = 0.5  # bf16 matrix products at less than half the fp32 rate: the CPU
 
 @dataclass
 class Preflight:
-    """What the checks found, for the dry run's report."""
+    """What the checks found, for the dry run's report, and the memory estimate with its checkpointing plan (None
+    for a model still on the hub)."""
 
     lines: list[str]
+    memory: MemoryEstimate | None
 
 
 def preflight(config: TrainConfig, family: ModelFamily, prompts: list[SamplePrompt], resumed: TrainState | None,
-              max_train_steps: int, device: torch.device, world: int) -> Preflight:
+              max_train_steps: int, device: torch.device, world: int, workload: Workload) -> Preflight:
     check_input_paths(config)
     check_output_paths(config)
     check_logging(config)
@@ -74,18 +77,20 @@ def preflight(config: TrainConfig, family: ModelFamily, prompts: list[SampleProm
         make_scheduler(sampler, config.v_parameterization)  # a sampler's missing package (lms: scipy) fails here
     lines = []
     model = rehearse_model(config, family)
+    network = None if model is None else rehearse_network(config, family, model)
+    state_bytes = rehearse_optimization(config, network_groups(config, network), max_train_steps, device, world)
     if model is None:
         lines.append(f"model: {config.pretrained_model_name_or_path} is on the hub, not in the local cache: it is "
                      "downloaded when the run starts, so its shapes and the network on it are not checked here")
-        network = None
+        memory = None
     else:
-        network = rehearse_network(config, family, model)
-        lines.append(memory_estimate(config, model, network))
-    rehearse_optimization(config, network_groups(config, network), max_train_steps, device, world)
+        check_network_fits(config, network, state_bytes)
+        memory = estimate_memory(config, family, model, network, workload, device, state_bytes)
+        lines.append(memory.table())
     if resumed is not None and network is not None:
         rehearse_resume(config, resumed, network, max_train_steps, device)
     lines.append(cpu_precision(config, device))
-    return Preflight([line for line in lines if line])
+    return Preflight([line for line in lines if line], memory)
 
 
 # ---------------------------------------------------------------------------------------------------- paths
@@ -196,10 +201,11 @@ def network_groups(config: TrainConfig, network: LoRANetwork | None) -> list[dic
 
 
 def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_steps: int, device: torch.device,
-                          world: int) -> None:
+                          world: int) -> float:
     """Build --optimizer_type with --optimizer_args over stand-in tensors, step it once (gradients with zeros
     among them, as a fresh LoRA has), check the weights stay finite, and build the LR schedule the run will use;
-    what the libraries refuse becomes one line naming the flags."""
+    what the libraries refuse becomes one line naming the flags. Returns the optimizer state's bytes per trained
+    parameter."""
     stand_ins = [{**group, "params": [torch.zeros(8, device=device, requires_grad=True)]} for group in groups]
     what = f"--optimizer_type {config.optimizer_type}" + (
         f" --optimizer_args {' '.join(config.optimizer_args)}" if config.optimizer_args else "")
@@ -211,6 +217,8 @@ def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_ste
                 for param in group["params"]:
                     param.grad = torch.tensor([1e-3, 0.0, -1e-3, 0.0, 2e-3, 0.0, -2e-3, 0.0], device=device)
             built.optimizer.step()
+        state_bytes = sum(value.numel() * value.element_size() for state in built.optimizer.state.values()
+                          for value in state.values() if isinstance(value, torch.Tensor) and value.dim())
         if not all(torch.isfinite(p).all() for group in built.optimizer.param_groups for p in group["params"]):
             raise LorakitError(f"{what}: one step at the groups' learning rates gives NaN or infinite weights; check "
                                "the arguments and the learning rates (eps=0 divides by a fresh LoRA's zero gradients)")
@@ -222,6 +230,7 @@ def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_ste
         with _refusal(f"--lr_scheduler {schedule}" + (f" --lr_scheduler_args {' '.join(config.lr_scheduler_args)}"
                                                       if config.lr_scheduler_args else "")):
             _check_learning_rates(make_lr_scheduler(config, built, max_train_steps), max_train_steps, schedule)
+    return state_bytes / sum(p.numel() for group in stand_ins for p in group["params"])
 
 
 def rehearse_resume(config: TrainConfig, resumed: TrainState, network: LoRANetwork, max_train_steps: int,
@@ -284,29 +293,15 @@ class _refusal:
 # ---------------------------------------------------------------------------------------------------- estimates
 
 
-def memory_estimate(config: TrainConfig, model: Components, network: LoRANetwork | None) -> str:
-    """Resident memory during training from the model's parameter counts: frozen weights in their dtypes (a
-    released model counts 0) and the LoRA with its gradients and optimizer state; activations come on top.
-    Refuses a network that alone would not fit the device."""
-    weight_bytes = 2 if config.mixed_precision in ("fp16", "bf16") else 4
-    def count(module: torch.nn.Module | None) -> int:
-        return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
-    unet = count(model.unet) * (1 if config.fp8_base or config.fp8_base_unet else weight_bytes)
-    text = 0 if config.cache_text_encoder_outputs else sum(map(count, model.text_encoders)) * (
-        1 if config.fp8_base else weight_bytes)
-    vae = 0 if config.cache_latents else count(model.vae) * (4 if config.no_half_vae else weight_bytes)
-    lora_parameters = count(network)
-    lora = lora_parameters * ((2 if config.full_bf16 or config.full_fp16 else 4) * 2 + 8)  # weights, grads, 2 states
+def check_network_fits(config: TrainConfig, network: LoRANetwork | None, state_bytes: float) -> None:
+    """Refuses a network that with its gradients and optimizer state alone would not fit the device."""
+    parameters = sum(p.numel() for p in network.parameters()) if network is not None else 0
+    size = parameters * ((2 if config.full_bf16 or config.full_fp16 else 4) * 2 + state_bytes)
     available = device_memory()
-    if lora > available:
-        raise LorakitError(f"the LoRA network would have {lora_parameters:,} parameters ({lora / GIB:.1f} GiB with "
+    if size > available:
+        raise LorakitError(f"the LoRA network would have {parameters:,} parameters ({size / GIB:.1f} GiB with "
                            f"gradients and optimizer state), more than the {available / GIB:.1f} GiB of this "
                            "machine: lower --network_dim (or conv_dim in --network_args)")
-    total = (unet + text + vae + lora) / GIB
-    return (f"memory estimate: about {total:.1f} GiB resident during training (U-Net {unet / GIB:.1f}, text "
-            f"encoders {text / GIB:.1f}, VAE {vae / GIB:.1f}, LoRA {lora_parameters:,} parameters with gradients "
-            f"and optimizer state {lora / GIB:.2f}), plus activations")
 
 
 def device_memory() -> int:

@@ -70,6 +70,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components, cast_model
 from lorakit.models.loading import load_vae
 from lorakit.network.apply import merge_lora
+from lorakit.train.checkpointing import CheckpointPlan, apply_plan, checkpoint_units
 from lorakit.train.ema import WeightAverage, start_average
 from lorakit.train.events import EventsLog
 from lorakit.train.fused import fuse_backward
@@ -78,6 +79,7 @@ from lorakit.train.interrupt import StopRequest
 from lorakit.train.loader import RunLoader, batch_generator, data_loader_workers, validation_batches
 from lorakit.train.logs import TrainingLog, epoch_logs, step_logs, validation_logs
 from lorakit.train.loss import LossOptions
+from lorakit.train.memory import Workload
 from lorakit.train.metadata import RunFacts, run_metadata
 from lorakit.train.noise import NoiseOptions, noise_schedule
 from lorakit.train.optimizers import BuiltOptimizer
@@ -153,7 +155,8 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
                        config.max_train_epochs)
     start = start_position(config, plan.steps_per_epoch, resumed, world)
     refuse_start_past_the_end(config, start.global_step, plan.max_train_steps)
-    checked = preflight(config, family, prompts, resumed, plan.max_train_steps, accelerator.device, world)
+    checked = preflight(config, family, prompts, resumed, plan.max_train_steps, accelerator.device, world,
+                        Workload.of(data.all_samples() + validation_data.all_samples()))
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
@@ -171,11 +174,12 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
     network, network_alpha = make_network(config, family.lora, models.unet, models.text_encoders, models.vae,
                                           not config.network_train_text_encoder_only,
                                           not config.network_train_unet_only)
-    prepare_network(config, network, models)
+    prepare_network(config, network, models, checked.memory.plan if checked.memory is not None else None)
     opt = build_optimization(config, network, plan.max_train_steps, world, accelerator.device)
     ema = WeightAverage.of(config, network)
     if main:
-        print(model_summary(opt, models, family) + (f"\n{ema.summary()}" if ema is not None else ""))
+        print(model_summary(opt, models, family) + (f"\n{ema.summary()}" if ema is not None else "")
+              + (f"\n{checked.memory.table()}" if checked.memory is not None else ""))
 
     # ------------------------------------------------------------------ step options, saves, resume
     step_options = step_options_of(config)
@@ -503,12 +507,14 @@ def cache_text(samples: list[Sample], components, encoder: CaptionEncoder, confi
         to_disk=config.cache_text_encoder_outputs_to_disk, skip_check=config.skip_cache_check)
 
 
-def prepare_network(config: TrainConfig, network, models: Models) -> None:
-    """The network's dtype and device; gradient checkpointing; torch.compile."""
+def prepare_network(config: TrainConfig, network, models: Models, plan: CheckpointPlan | None) -> None:
+    """The network's dtype and device; gradient checkpointing of the plan's U-Net units (every unit for a model
+    the dry run could not see); torch.compile."""
     network.to(models.device, dtype=torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else
                torch.float32)
     if config.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+        apply_plan(models.unet, plan.checkpointed if plan is not None else
+                   tuple(name for name, _ in checkpoint_units(models.unet)))
         models.unet.train()  # diffusers checkpoints only in training mode; dropout-free, so outputs are unchanged
         for text_encoder in models.text_encoders:
             if text_encoder is not None and not config.network_train_unet_only:

@@ -1,0 +1,192 @@
+"""The memory a training step needs, part by part, before any weight is read; and the gradient-checkpointing plan
+that keeps it under a budget.
+
+Weights, the network, its gradients and its optimizer state are counted from the meta model's parameters; caches
+from the data; activations by running the U-Net with the network on the meta device at the run's largest batch
+(`lorakit.train.checkpointing.measure_activations`). The process's own memory (Python, PyTorch, the libraries)
+is its resident size when the estimate is made, on the CPU; a GPU's count (`torch.cuda.max_memory_allocated`)
+holds tensors only. bench/memory.py compares the estimate with measured peaks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.config import TrainConfig
+from lorakit.data.dataset import Sample
+from lorakit.families.base import ModelFamily
+from lorakit.models.components import Components
+from lorakit.train.checkpointing import ActivationProfile, CheckpointPlan, choose_units, measure_activations
+
+logger = logging.getLogger("lorakit")
+
+GIB = 2**30
+LATENT_CHANNELS = 4
+LATENT_FACTOR = 8  # image side / latent side
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run's data asks of memory."""
+
+    bucket: tuple[int, int]  # (width, height) of the batch with the most pixels
+    batch_size: int  # ... and its size
+    latent_elements: int  # of every latent the memory cache would hold (flipped copies included)
+    captions: int  # distinct captions the text cache would hold
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> Workload:
+        largest = max(samples, key=lambda sample: sample.bucket[0] * sample.bucket[1] * sample.batch_size)
+        latents = sum(LATENT_CHANNELS * (s.bucket[0] // LATENT_FACTOR) * (s.bucket[1] // LATENT_FACTOR)
+                      * (2 if s.record.subset.flip_aug else 1) for s in samples)
+        return cls(largest.bucket, largest.batch_size, latents, len({s.record.caption for s in samples}))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per part of the step's peak, and the checkpointing plan the activations assume."""
+
+    parts: tuple[tuple[str, int], ...]  # (what, bytes), activations last
+    activations_without: int  # the U-Net's activations with nothing checkpointed
+    plan: CheckpointPlan | None  # None without --gradient_checkpointing
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.parts)
+
+    def table(self) -> str:
+        width = max(len(what) for what, _ in self.parts)
+        lines = ["memory estimate of the training step's peak:"]
+        lines += [f"  {what:<{width}}  {size_text(size):>10}" for what, size in self.parts]
+        lines.append(f"  {'total':<{width}}  {size_text(self.total):>10}")
+        if self.plan is not None:
+            lines.append(self.plan.describe())
+        return "\n".join(lines)
+
+
+def size_text(size: int) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+def estimate_memory(config: TrainConfig, family: ModelFamily, model: Components, network: nn.Module | None,
+                    workload: Workload, device: torch.device, state_bytes_per_element: float) -> MemoryEstimate:
+    """The step's peak, part by part, from the meta `model` and `network`; with --gradient_checkpointing, the
+    plan of units to checkpoint."""
+    weight_bytes = compute_dtype(config).itemsize
+    train_text = not config.network_train_unet_only
+    parts = [("runtime (Python, PyTorch, libraries)", runtime_bytes(device))]
+    unet_bytes = 1 if config.fp8_base or config.fp8_base_unet else weight_bytes
+    parts.append((f"U-Net weights ({bytes_name(unet_bytes)})", parameter_bytes(model.unet, unet_bytes)))
+    if train_text or not config.cache_text_encoder_outputs:
+        text_bytes = 1 if config.fp8_base else weight_bytes
+        parts.append((f"text encoder weights ({bytes_name(text_bytes)})",
+                      sum(parameter_bytes(encoder, text_bytes) for encoder in model.text_encoders)))
+    vae_bytes = 4 if config.no_half_vae else weight_bytes
+    if not config.cache_latents:
+        parts.append((f"VAE weights ({bytes_name(vae_bytes)})", parameter_bytes(model.vae, vae_bytes)))
+    elif not config.cache_latents_to_disk:
+        parts.append(("latent cache", workload.latent_elements * vae_bytes))
+    if config.cache_text_encoder_outputs and not config.cache_text_encoder_outputs_to_disk:
+        context, *pooled = family.text_stand_in(model.unet, 1, text_tokens(config))
+        per_caption = sum(tensor.numel() for tensor in (context, *pooled)) * weight_bytes
+        parts.append(("text-encoder output cache", workload.captions * per_caption))
+    trained = sum(p.numel() for p in network.parameters()) if network is not None else 0
+    network_bytes = 2 if config.full_bf16 or config.full_fp16 else 4
+    parts.append(("network weights", trained * network_bytes))
+    if not config.fused_backward_pass:  # fused: each gradient is consumed as soon as it is computed
+        parts.append(("network gradients", trained * network_bytes))
+    parts.append(("optimizer state", int(trained * state_bytes_per_element)))
+    profile = unet_activations(config, family, model, network, workload)
+    without = profile.peak(frozenset())
+    plan = None
+    if config.gradient_checkpointing:
+        fixed = sum(size for _, size in parts)
+        plan = checkpoint_plan(config, profile, fixed, device)
+        label = f"U-Net activations ({len(plan.checkpointed)} of {plan.unit_count} units checkpointed)"
+        parts.append((label, profile.peak(frozenset(plan.checkpointed))))
+    else:
+        parts.append(("U-Net activations (no checkpointing)", without))
+    return MemoryEstimate(tuple(parts), without, plan)
+
+
+def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int,
+                    device: torch.device) -> CheckpointPlan:
+    """--gradient_checkpointing_blocks all: every unit; else the fewest units that fit --memory_budget_gb or the
+    GPU's free memory; on a CPU without a budget every unit."""
+    names = profile.unit_names
+    peak_without = fixed + profile.peak(frozenset())
+    if config.gradient_checkpointing_blocks == "all":
+        return CheckpointPlan.everything(names, "as --gradient_checkpointing_blocks all asks")
+    if config.memory_budget_gb is not None:
+        budget, source = int(config.memory_budget_gb * GIB), "--memory_budget_gb"
+    elif device.type == "cuda":
+        budget, source = torch.cuda.mem_get_info(device)[0], "the GPU's free memory"
+    else:
+        return CheckpointPlan.everything(names, "the CPU's default (--memory_budget_gb plans fewer)")
+    chosen = choose_units(profile, fixed, budget)
+    peak_with = fixed + profile.peak(frozenset(chosen))
+    reason = f"the fewest, largest saving first, for a budget of {budget / GIB:.2f} GiB ({source})"
+    if peak_with > budget:
+        logger.warning("the step's estimated peak, %.1f GiB with every U-Net unit checkpointed, exceeds the budget "
+                       "of %.1f GiB (%s)", peak_with / GIB, budget / GIB, source)
+        reason = f"still over the budget of {budget / GIB:.2f} GiB ({source})"
+    return CheckpointPlan(chosen, len(names), reason, peak_without, peak_with)
+
+
+def unet_activations(config: TrainConfig, family: ModelFamily, model: Components, network: nn.Module | None,
+                     workload: Workload) -> ActivationProfile:
+    """One training forward of the meta U-Net (with the network attached when it is lorakit's) at the largest
+    batch, in the run's compute dtype."""
+    unet, dtype = model.unet, compute_dtype(config)
+    width, height = workload.bucket
+    batch = workload.batch_size
+    original = next(unet.parameters()).dtype
+    nn.Module.to(unet, dtype)  # not diffusers' `to`, which warns about fp32 modules a meta stand-in does not have
+    if network is not None:
+        network.to(dtype)
+        network.attach()
+
+    def forward() -> torch.Tensor:
+        with torch.device("meta"):
+            noisy = torch.empty(batch, LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR,
+                                dtype=dtype, requires_grad=network is None)  # a plug-in's network: every layer
+            timesteps = torch.zeros(batch, dtype=torch.long)
+            sizes = torch.empty(batch, 6, dtype=dtype)
+        return family.predict(unet, noisy, timesteps, family.text_stand_in(unet, batch, text_tokens(config)), sizes)
+
+    try:
+        return measure_activations(unet, forward, (network,) if network is not None else ())
+    finally:
+        if network is not None:
+            network.detach()
+        nn.Module.to(unet, original)
+
+
+def text_tokens(config: TrainConfig) -> int:
+    """Tokens of a caption's text conditioning: 75, 150 or 225 plus the start and end tokens."""
+    return (config.max_token_length or 75) + 2
+
+
+def parameter_bytes(module: nn.Module | None, bytes_each: int) -> int:
+    return sum(p.numel() for p in module.parameters()) * bytes_each if module is not None else 0
+
+
+def bytes_name(size: int) -> str:
+    return {1: "float8", 2: "16-bit", 4: "fp32"}[size]
+
+
+def runtime_bytes(device: torch.device) -> int:
+    if device.type != "cpu":
+        return 0
+    import psutil
+
+    return psutil.Process().memory_info().rss
