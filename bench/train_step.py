@@ -1,22 +1,29 @@
-"""Seconds per training step and peak memory of `lorakit train` with sd-scripts' settings (tiny or full SDXL).
+"""Seconds per training step, peak memory and FLOP utilisation of `lorakit train` (tiny or full SDXL, CPU or GPU).
 
     PYTHONPATH=src python bench/train_step.py [--size tiny|full] [--steps N] [--checkpoint PATH]
-                                              [--runs adamw fused] [--resolution 256] [--threads N]
-                                              [--extra "FLAGS"] [--profile] [--keep]
+        [--runs adamw fused] [--plans all budget none] [--budget-gb GIB] [--precision auto|bf16|fp32]
+        [--resolution 256] [--dim 8] [--threads N] [--extra "FLAGS"] [--profile] [--keep]
 
 Each run is the real `lorakit train` (`lorakit.train.cli.main`) in a fresh process, on one synthetic
-`resolution`² image repeated for N steps: batch 1, LoRA dim 8, U-Net only, `--mixed_precision bf16 --full_bf16
---gradient_checkpointing --cache_latents --cache_text_encoder_outputs`, and AdamW (`adamw`, sd-scripts'
-5.9 s/step and 16.9 GB max RSS on this machine) or `--fused_backward_pass` with Adafactor (`fused`).
+`resolution`² image repeated for N steps: batch 1, LoRA rank `--dim`, U-Net only, `--cache_latents
+--cache_text_encoder_outputs`, AdamW (`adamw`, sd-scripts' settings) or `--fused_backward_pass` with Adafactor
+(`fused`). Precision: `bf16` is `--mixed_precision bf16 --full_bf16`, `fp32` is `--mixed_precision no`; `auto`
+takes fp32 on a CPU whose bf16 matrix products run at less than half its fp32 rate (no native bf16: AVX2-only
+CPUs run them ~450x slower). Gradient checkpointing per `--plans`: `all` (`--gradient_checkpointing_blocks all`,
+sd-scripts' behaviour), `budget` (`--gradient_checkpointing` with `--memory_budget_gb`, or a GPU's free memory),
+`none`. sd-scripts ran the bf16 settings at 5.9 s/step and 16.9 GB max RSS on this machine.
 
 Timing: a forward pre-hook on the U-Net stamps the start of each step, so a step is everything from one U-Net call
 to the next (forward, backward, optimizer, scheduler, data loading); the last step ends at its last optimizer
 step. s/step is the median of the steps after the first. Memory: VmHWM and ru_maxrss of the training process
-(loading and caching included, as sd-scripts' figure), and the peaks of RSS and anonymous RSS sampled every
-20 ms, overall and during the steps. The 1-minute load average is printed before and after each run: figures
-taken while it is above ~1 are not the machine's own: when other processes hold the cores, torch's OpenMP threads
-wait for each other at every op (a tiny step took 10-50x longer with 2 threads than with 1 at load 8-13), so
-`--threads 1` and the CPU time per step show the work itself.
+(loading and caching included, as sd-scripts' figure), the peaks of RSS and anonymous RSS sampled every 20 ms,
+overall and during the steps, and on a GPU `torch.cuda.max_memory_allocated`; each is set against the memory
+estimate the run printed (`lorakit.train.memory`). FLOP utilisation: the model's FLOPs per step (forward and
+backward counted by torch's FlopCounterMode on the meta device, recomputation not counted) per second, against
+the measured rate of a large matrix product in the run's dtype with the run's threads. The 1-minute load
+average is printed before and after each run: figures taken while it is above ~1 are not the machine's own: when
+other processes hold the cores, torch's OpenMP threads wait for each other at every op (a tiny step took 10-50x
+longer with 2 threads than with 1 at load 8-13), so `--threads 1` and the CPU time per step show the work itself.
 
 Without --checkpoint, a random checkpoint is written with `lorakit random-model --size SIZE --format single-file
 --dtype fp16` (full: about 6.9 GB under the temp folder) and deleted afterwards unless --keep.
@@ -66,7 +73,8 @@ def main() -> None:
     parser.add_argument("--plans", nargs="+", choices=PLANS, default=["all"],
                         help="gradient checkpointing of each run: every block (sd-scripts), the budget plan "
                         "(--budget-gb), none")
-    parser.add_argument("--budget-gb", type=float, help="--memory_budget_gb of the 'budget' plan (GiB)")
+    parser.add_argument("--budget-gb", type=float, help="--memory_budget_gb of the 'budget' plan (GiB; on a GPU "
+                        "the default is its free memory)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 where the CPU (or GPU) multiplies bf16 at least half as fast as fp32, "
                         "else fp32")
@@ -82,8 +90,8 @@ def main() -> None:
     if args.child:
         return run_child(json.loads(args.child))
 
-    if "budget" in args.plans and args.budget_gb is None:
-        parser.error("the 'budget' plan needs --budget-gb")
+    if "budget" in args.plans and args.budget_gb is None and not _cuda():
+        parser.error("the 'budget' plan on a CPU needs --budget-gb")
     steps = args.steps or (12 if args.size == "tiny" else 4)
     precision = choose_precision(args.precision)
     work = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
@@ -106,7 +114,7 @@ def main() -> None:
                         "--output_dir", str(work / name), "--max_train_steps", str(steps), "--network_dim",
                         str(args.dim), *COMMON, *PRECISION[precision], *PLAN_FLAGS[plan], *RUNS[name],
                         *shlex.split(args.extra)]
-                if plan == "budget":
+                if plan == "budget" and args.budget_gb is not None:
                     argv += ["--memory_budget_gb", str(args.budget_gb)]
                 load_before = _load_average()
                 result = _child({"argv": argv, "profile": args.profile, "fused": name == "fused"}, args.threads)
@@ -157,7 +165,7 @@ def report(name: str, size: str, result: dict, load_before: str, load_after: str
     print(f"  model FLOPs {flops / 1e12:.3f} TFLOP/step (forward + backward, no recomputation): "
           f"{flops / median / 1e9:.1f} GFLOP/s = {flops / median / rate:.1%} of the measured {precision} "
           f"matrix-product rate ({rate / 1e9:.0f} GFLOP/s, {result['threads']} threads)")
-    if size == "full" and name.startswith("adamw"):
+    if size == "full" and name.startswith("adamw") and precision == "bf16":  # sd-scripts' figures are bf16
         print(f"  vs sd-scripts (5.9 s/step, 16.9 GB max RSS): time {median / REFERENCE['seconds']:.2f}x "
               f"(goal <= {GOAL['seconds']}x), max RSS {memory['VmHWM'] / REFERENCE['max_rss']:.2f}x "
               f"(goal <= {GOAL['max_rss']}x)")
@@ -276,7 +284,8 @@ def run_child(spec: dict) -> None:
 
     def loading_with_hook(*args, **kwargs):
         components = load_family(*args, **kwargs)
-        if components.unet is not None:  # with both caches the trainer loads the U-Net in a second call
+        # with both caches the trainer loads the U-Net in a second call; the checks' meta model is no step
+        if components.unet is not None and kwargs.get("device") != "meta":
             components.unet.register_forward_pre_hook(on_step_start)
         return components
 
@@ -377,6 +386,12 @@ def _child(spec: dict, threads: int | None) -> dict:
     if result.returncode:
         sys.exit(f"the training run failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _load_average() -> str:

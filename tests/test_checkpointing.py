@@ -1,14 +1,18 @@
 """Gradient checkpointing to a memory budget: the peak model by hand, the meta measurement against a real forward,
 and every plan the planner can make training bit-identical weights."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from lorakit.config import parse_train_args
 from lorakit.families import family_named
 from lorakit.network.network import build_network
 from lorakit.testing.random_models import random_components
 from lorakit.train.checkpointing import (ActivationProfile, Segment, apply_plan, checkpoint_units, choose_units,
                                          measure_activations)
+from lorakit.train.memory import Workload, estimate_memory
 
 SDXL = family_named("sdxl")
 
@@ -132,3 +136,38 @@ def test_a_plan_switches_exactly_its_units(tiny):
     apply_plan(unet, (names[0], names[5]))
     assert [name for name, module in checkpoint_units(unet) if module.gradient_checkpointing] == [names[0], names[5]]
     unet.disable_gradient_checkpointing()
+
+
+def sample(width: int, height: int, batch_size: int, caption: str, flip: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(bucket=(width, height), batch_size=batch_size,
+                           record=SimpleNamespace(caption=caption, subset=SimpleNamespace(flip_aug=flip)))
+
+
+def test_the_workload_is_the_batch_with_most_pixels_and_every_cached_latent():
+    workload = Workload.of([sample(1024, 1024, 1, "a"), sample(768, 768, 2, "b", flip=True), sample(512, 512, 4, "a")])
+    assert (workload.bucket, workload.batch_size) == ((768, 768), 2)  # 1.18 M pixels x 2 beats 1.05 M x 1
+    assert workload.latent_elements == 4 * (128 * 128 + 2 * 96 * 96 + 64 * 64)
+    assert workload.captions == 2
+
+
+def test_the_estimate_counts_each_part_in_the_dtype_the_run_stores_it(tiny):
+    unet, _ = tiny
+    model = random_components("tiny", seed=3)
+    model.unet.to("meta")
+    network = build_network(model.unet, [], network_dim=4, network_alpha=2, train_text_encoder=False, lora=SDXL.lora)
+    config = parse_train_args(["--pretrained_model_name_or_path", "m.safetensors", "--dataset_config", "d.toml",
+                               "--mixed_precision", "bf16", "--cache_latents", "--cache_text_encoder_outputs",
+                               "--network_train_unet_only", "--gradient_checkpointing", "--memory_budget_gb", "64"])
+    workload = Workload(bucket=(128, 64), batch_size=2, latent_elements=1000, captions=3)
+    estimate = estimate_memory(config, SDXL, model, network, workload, torch.device("cpu"), state_bytes_per_element=8)
+    parts = dict(estimate.parts)
+    lora = sum(p.numel() for p in network.parameters())
+    assert parts["U-Net weights (16-bit)"] == 2 * sum(p.numel() for p in unet.parameters())
+    assert parts["latent cache"] == 2 * 1000
+    assert parts["text-encoder output cache"] == 3 * 2 * (77 * 128 + 64)  # 75 tokens + BOS/EOS, tiny widths
+    assert parts["network weights"] == parts["network gradients"] == 4 * lora
+    assert parts["optimizer state"] == 8 * lora
+    assert not any(what.startswith(("VAE", "text encoder weights")) for what in parts)  # cached: released
+    assert estimate.plan.checkpointed == () and estimate.total < 64 * 2**30
+    assert parts["U-Net activations (0 of 18 units checkpointed)"] == estimate.activations_without > 0
+    assert parts["CPU allocator reserve (about the unchecked activations)"] == estimate.activations_without

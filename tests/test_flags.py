@@ -201,7 +201,7 @@ PARTNERS = {
     "dim_from_weights": ["--network_weights", "w.safetensors"],
     "base_weights_multiplier": ["--base_weights", "a.safetensors", "b.safetensors"],
     "lr_warmup_steps": ["--lr_scheduler", "constant_with_warmup"],
-    "max_bucket_reso": ["--min_bucket_reso", "64"],
+    "max_bucket_reso": ["--min_bucket_reso", "64"], "memory_budget_gb": ["--gradient_checkpointing"],
 }
 SPECIAL = {
     "output_config": None, "config_file": None,  # tested in test_config_file.py

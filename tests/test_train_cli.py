@@ -188,6 +188,7 @@ SAMPLING = "test_logs_in_training.py::test_sampling_points_write_files_and_leave
 RESUME = "test_resume.py::test_initial_step_skips_to_the_absolute_step"
 ROTATION = "test_training.py::test_save_cadence_and_rotation_of_files_and_states_in_a_run"
 RATIO = "test_training.py::test_save_n_epoch_ratio_and_state_on_train_end"
+CHECKPOINT_PLAN = "test_training.py::test_the_plan_of_a_budget_trains_the_lora_of_checkpointing_every_block"
 DDP_FLAGS = "test_training.py::test_ddp_flags_reach_accelerate"
 DDP = "test_ddp.py::test_two_processes_equal_one_process_accumulating_their_batches"
 
@@ -297,6 +298,7 @@ EXERCISED = {
     "ddp_timeout": DDP_FLAGS, "ddp_gradient_as_bucket_view": DDP_FLAGS, "ddp_static_graph": DDP_FLAGS,
     "initial_step": RESUME, "skip_until_initial_step": RESUME,
     "dry_run": "test_training.py::test_dry_run_prints_the_plan_and_loads_no_weights",
+    "gradient_checkpointing_blocks": CHECKPOINT_PLAN, "memory_budget_gb": CHECKPOINT_PLAN,
     "output_dir": DESIGN, "output_name": DESIGN, "save_model_as": DESIGN,
     "save_precision": SAVING, "save_every_n_epochs": DESIGN,
     "save_every_n_steps": "test_training.py::test_nan_loss_stops_with_the_image_paths_and_keeps_the_saved_file",

@@ -446,6 +446,24 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_single_file, one_imag
     assert not read and not list(tmp_path.glob("*.safetensors"))
 
 
+def test_the_plan_of_a_budget_trains_the_lora_of_checkpointing_every_block(tiny_single_file, one_image, tmp_path,
+                                                                          capsys):
+    dataset, _ = one_image
+    common = ("--max_train_steps", "2", "--gradient_checkpointing", "--network_train_unet_only", "--cache_latents",
+              "--cache_text_encoder_outputs", "--learning_rate", "1e-3")
+    every = run(tiny_single_file, dataset, tmp_path / "all", *common, "--gradient_checkpointing_blocks", "all")
+    assert "gradient checkpointing: all 18 U-Net units, as --gradient_checkpointing_blocks all asks" in (
+        capsys.readouterr().out)
+    roomy = run(tiny_single_file, dataset, tmp_path / "budget", *common, "--memory_budget_gb", "1000")
+    out = capsys.readouterr().out
+    assert "gradient checkpointing: none of the 18 U-Net units, the fewest (largest saving first) that fit a " \
+           "budget of 1000.00 GiB (--memory_budget_gb)" in out
+    assert "U-Net activations (0 of 18 units checkpointed)" in out
+    (every_state, _), (roomy_state, _) = read_lora(every.final_file), read_lora(roomy.final_file)
+    assert every_state.keys() == roomy_state.keys()
+    assert all(torch.equal(every_state[key], roomy_state[key]) for key in every_state)
+
+
 def test_dry_run_refuses_a_missing_model(one_image, tmp_path):
     dataset, _ = one_image
     with pytest.raises(LorakitError, match="not-there.safetensors: no such file or folder"):

@@ -96,8 +96,8 @@ class TrainConfig:
         "needs (largest activations first; every block on a CPU without --memory_budget_gb), 'all' every block "
         "as sd-scripts does", choices=("auto", "all"), kohya=False)
     memory_budget_gb: float | None = MODEL.flag(
-        None, number, "with --gradient_checkpointing: the step's peak memory to plan for, in GiB (default: the "
-        "GPU's free memory; on a CPU, every block is checkpointed unless this is given)", kohya=False,
+        None, number, "with --gradient_checkpointing: the step's peak memory to plan for, in GiB (default: 90% of "
+        "the GPU's free memory; on a CPU, every block is checkpointed unless this is given)", kohya=False,
         bounds=ABOVE_0, metavar="GIB")
     cpu_offload_checkpointing: bool = MODEL.switch(
         "offload checkpointed activations to the CPU",

@@ -64,15 +64,10 @@ class ActivationProfile:
 class CheckpointPlan:
     """The units a run checkpoints and why."""
 
-    checkpointed: tuple[str, ...]
+    checkpointed: tuple[str, ...]  # in module order
     unit_count: int
-    reason: str  # "every unit (--gradient_checkpointing_blocks all)", "budget 12.0 GiB", ...
-    peak_without: int | None = None  # estimated step peak (bytes) with no unit checkpointed
-    peak_with: int | None = None  # ... with the plan's units checkpointed
-
-    @classmethod
-    def everything(cls, unit_names: tuple[str, ...], reason: str) -> CheckpointPlan:
-        return cls(unit_names, len(unit_names), reason)
+    reason: str  # "as --gradient_checkpointing_blocks all asks", "the fewest ... that fit a budget of 12.00 GiB", ...
+    peak_without: int  # the step's estimated peak (bytes) with no unit checkpointed
 
     def describe(self) -> str:
         count = len(self.checkpointed)
@@ -82,10 +77,8 @@ class CheckpointPlan:
             which = f"none of the {self.unit_count} U-Net units"
         else:
             which = f"{count} of {self.unit_count} U-Net units ({', '.join(self.checkpointed)})"
-        line = f"gradient checkpointing: {which}, {self.reason}"
-        if self.peak_with is not None and self.peak_without is not None:
-            line += f"; estimated peak {self.peak_with / GIB:.2f} GiB (without checkpointing {self.peak_without / GIB:.2f})"
-        return line
+        return (f"gradient checkpointing: {which}, {self.reason}; the estimate without checkpointing: "
+                f"{self.peak_without / GIB:.2f} GiB")
 
 
 def checkpoint_units(unet: nn.Module) -> list[tuple[str, nn.Module]]:

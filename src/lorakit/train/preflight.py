@@ -10,6 +10,8 @@ Each input is checked the way the run will use it, so "all inputs checked" means
 - the optimizer and the LR schedule: built over stand-ins of the network's parameter groups on the training
   device and stepped once; the schedule's learning rates are finite from the first step to the last; a
   `--resume` state restored into stand-ins of the run's network, optimizer and schedule and stepped once;
+- memory: the training step's peak part by part, and with `--gradient_checkpointing` the U-Net blocks to
+  checkpoint (`lorakit.train.memory`);
 - logging (`--log_with`, `--log_tracker_config`), `--metadata_thumbnail`, the samplers of the sample prompts;
 - the CPU: bf16 on a CPU without native bf16 is measured and said in one warning line.
 The datasets (every image decoded), `--resume` and `--sample_prompts` are read before this, by the run itself.

@@ -15,7 +15,8 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
   regularisation, a real `--fused_backward_pass`.
 - precision: `--mixed_precision` through accelerate, with loss scaling under fp16 (`lorakit.train.grad_scaler`,
   saved in states; not with fused backward), `--full_bf16/--full_fp16`, fp8 base weights, gradient
-  checkpointing, SDPA / xformers attention, `torch.compile`.
+  checkpointing of the U-Net blocks the memory budget needs (`lorakit.train.checkpointing`), SDPA / xformers
+  attention, `torch.compile`.
 - outputs: sd-scripts' file names, cadence and rotation, metadata, atomic writes; a NaN loss stops the run with the
   batch's image paths and leaves saved files intact; free disk space is checked before each save
   (`lorakit.train.saving`).
@@ -28,7 +29,8 @@ What a run supports (each is a flag of `lorakit.config.TrainConfig`):
   resume command printed; exit status 130 (`lorakit.train.interrupt`).
 - checks: every input is checked before any weight is read (`lorakit.train.preflight`); `--dry_run` stops there.
 - start-up summary (main process): datasets and buckets, steps per epoch and in total, trainable parameters and
-  learning rate per optimizer group, dtype and device of each model (or "released" / "on CPU until sampling").
+  learning rate per optimizer group, dtype and device of each model (or "released" / "on CPU until sampling"),
+  the memory estimate part by part and the checkpointing plan.
 - logs and looks: sd-scripts' TensorBoard/wandb keys, `{output_name or "last"}_curves.png` (loss and LR curves)
   in the output folder at the end, sample images (`lorakit.train.sampling`) from the live modules, validation loss
   (`lorakit.train.validation`).
