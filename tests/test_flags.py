@@ -33,7 +33,7 @@ DESIGN_COMMAND = """
 """.split()
 
 
-def test_every_reference_flag_is_in_the_table_and_only_four_are_added():
+def test_every_reference_flag_is_in_the_table_and_only_lorakits_own_are_added():
     assert len(REFERENCE_FLAGS) == len(set(REFERENCE_FLAGS)) == 196
     options = {flag.option: flag for flag in iter_flags()}
     assert [name for name in REFERENCE_FLAGS if name not in options] == []
@@ -41,7 +41,7 @@ def test_every_reference_flag_is_in_the_table_and_only_four_are_added():
     added = {flag.option for flag in iter_flags() if not flag.kohya}
     assert added == {"--text_encoder_lr1", "--text_encoder_lr2", "--dry_run", "--model_family", "--events_log",
                      "--ema_decay", "--ema_update_after_step", "--ema_update_every", "--ema_on_cpu",
-                     "--sample_with_ema"}
+                     "--sample_with_ema", "--gradient_checkpointing_blocks", "--memory_budget_gb"}
     assert set(options) == set(REFERENCE_FLAGS) | added
 
 
