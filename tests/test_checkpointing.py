@@ -5,13 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorakit.config import parse_train_args
 from lorakit.families import family_named
 from lorakit.network.network import build_network
 from lorakit.testing.random_models import random_components
 from lorakit.train.checkpointing import (ActivationProfile, Segment, apply_plan, checkpoint_units, choose_units,
-                                         measure_activations)
+                                         measure_activations, measure_layers)
 from lorakit.train.memory import Workload, estimate_memory
 
 SDXL = family_named("sdxl")
@@ -171,3 +172,29 @@ def test_the_estimate_counts_each_part_in_the_dtype_the_run_stores_it(tiny):
     assert estimate.plan.checkpointed == () and estimate.total < 64 * 2**30
     assert parts["U-Net activations (0 of 18 units checkpointed)"] == estimate.activations_without > 0
     assert parts["CPU allocator reserve (about the unchecked activations)"] == estimate.activations_without
+
+
+def test_the_meta_measurement_of_a_text_encoder_counts_what_a_real_forward_saves():
+    encoder = random_components("tiny", seed=3).text_encoders[1]
+    network = build_network(None, [encoder], network_dim=4, network_alpha=2, train_unet=False, lora=SDXL.lora)
+    network.attach()
+    tokens = torch.randint(0, 1000, (2, 77))
+    parameters = {p.untyped_storage().data_ptr() for module in (encoder, network) for p in module.parameters()}
+    real = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            real[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        encoder(tokens, output_hidden_states=True)
+    encoder.to("meta")
+    layers = [(name, module) for name, module in encoder.named_modules()
+              if isinstance(module, GradientCheckpointingLayer)]
+    profile = measure_layers(encoder, layers, lambda: encoder(tokens.to("meta"), output_hidden_states=True),
+                             (network,))
+    assert len(layers) == len(encoder.text_model.encoder.layers) == len(profile.segments)
+    assert profile.peak(set()) == sum(real.values())
+    everything = profile.peak({name for name, _ in layers})
+    assert everything < profile.peak(set())

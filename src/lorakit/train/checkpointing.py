@@ -107,25 +107,44 @@ def apply_plan(unet: nn.Module, checkpointed: tuple[str, ...]) -> None:
 
 
 class _SavedTensors:
-    """Counts the distinct non-parameter tensors autograd saves, by the segment running (None: outside)."""
+    """Counts the distinct non-parameter tensors autograd saves, by segment: a segment opens with `enter`, closes
+    with `leave`, and what is saved between counts for it (nested segments count for the outermost)."""
 
     def __init__(self, parameters: set[int]):
         self.parameters = parameters
         self.seen: dict[int, torch.Tensor] = {}  # held, so that ids are not reused (meta tensors cost nothing)
+        self.inputs: dict[int, torch.Tensor] = {}  # each input once: the text context goes to every attention unit
         self.outside = 0
         self.inside = 0
-        self.depth = 0
+        self.segments: list[Segment] = []
+        self.open: list[tuple[str, int, int, int]] = []  # (unit, kept, outside before, inside before)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         base = tensor if tensor._base is None else tensor._base
         if id(base) not in self.parameters and id(base) not in self.seen:
             self.seen[id(base)] = base
             size = base.numel() * base.element_size()
-            if self.depth:
+            if self.open:
                 self.inside += size
             else:
                 self.outside += size
         return tensor
+
+    def enter(self, unit: str, args: tuple) -> None:
+        kept = 0
+        for tensor in args:
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in self.inputs:
+                self.inputs[id(tensor)] = tensor
+                kept += tensor.numel() * tensor.element_size()
+        self.open.append((unit, kept, self.outside, self.inside))
+
+    def leave(self) -> None:
+        unit, kept, outside_before, inside_before = self.open.pop()
+        if not self.open:
+            self.segments.append(Segment(unit, self.inside - inside_before, kept, outside_before))
+
+    def profile(self, unit_names: tuple[str, ...]) -> ActivationProfile:
+        return ActivationProfile(tuple(self.segments), self.outside, unit_names)
 
 
 @contextlib.contextmanager
@@ -152,27 +171,17 @@ def measure_activations(unet: nn.Module, forward: Callable[[], torch.Tensor],
     checkpointed segment. `extra_parameters`: modules whose parameters are weights, not activations (the
     network)."""
     counter = _SavedTensors({id(p) for module in (unet, *extra_parameters) for p in module.parameters()})
-    inputs: dict[int, torch.Tensor] = {}  # each input once: the text context goes to every attention unit
-    segments: list[Segment] = []
     units = checkpoint_units(unet)
     previous = [(module.gradient_checkpointing, getattr(module, "_gradient_checkpointing_func", None))
                 for _, module in units]
 
     def counted(name: str) -> Callable:
         def run(module: nn.Module, *args):
-            kept = 0
-            for tensor in args:
-                if isinstance(tensor, torch.Tensor) and id(tensor) not in inputs:
-                    inputs[id(tensor)] = tensor
-                    kept += tensor.numel() * tensor.element_size()
-            outside_before, inside_before = counter.outside, counter.inside
-            counter.depth += 1
+            counter.enter(name, args)
             try:
                 return module(*args)
             finally:
-                counter.depth -= 1
-                if not counter.depth:  # a unit inside another counts as part of the outer one's segment
-                    segments.append(Segment(name, counter.inside - inside_before, kept, outside_before))
+                counter.leave()
         return run
 
     try:
@@ -185,4 +194,22 @@ def measure_activations(unet: nn.Module, forward: Callable[[], torch.Tensor],
         for (_, module), (flag, function) in zip(units, previous):
             module.gradient_checkpointing = flag
             module._gradient_checkpointing_func = function
-    return ActivationProfile(tuple(segments), counter.outside, tuple(name for name, _ in units))
+    return counter.profile(tuple(name for name, _ in units))
+
+
+def measure_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], forward: Callable[[], object],
+                   extra_parameters: tuple[nn.Module, ...] = ()) -> ActivationProfile:
+    """The same for a model whose checkpointed units are whole layers (a text encoder's transformer layers under
+    transformers' gradient checkpointing), counted through forward hooks."""
+    counter = _SavedTensors({id(p) for module in (model, *extra_parameters) for p in module.parameters()})
+    handles = []
+    for name, layer in layers:
+        handles.append(layer.register_forward_pre_hook(lambda _, args, name=name: counter.enter(name, args)))
+        handles.append(layer.register_forward_hook(lambda *_: counter.leave()))
+    try:
+        with memory_efficient_attention(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.profile(tuple(name for name, _ in layers))

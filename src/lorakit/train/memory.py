@@ -28,7 +28,10 @@ from lorakit.config import TrainConfig
 from lorakit.data.dataset import Sample
 from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components
-from lorakit.train.checkpointing import ActivationProfile, CheckpointPlan, choose_units, measure_activations
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from lorakit.train.checkpointing import (ActivationProfile, CheckpointPlan, choose_units, measure_activations,
+                                         measure_layers)
 
 logger = logging.getLogger("lorakit")
 
@@ -89,12 +92,40 @@ def estimate_memory(config: TrainConfig, family: ModelFamily, model: Components,
                     workload: Workload, device: torch.device, state_bytes_per_element: float) -> MemoryEstimate:
     """The step's peak, part by part, from the meta `model` and `network`; with --gradient_checkpointing, the
     plan of units to checkpoint."""
+    parts = [("runtime (Python, PyTorch, libraries)", runtime_bytes(device)),
+             *model_parts(config, family, model, workload), *network_parts(config, network, state_bytes_per_element)]
+    if network is not None:
+        network.to(compute_dtype(config))
+        network.attach()
+    try:
+        profile = unet_activations(config, family, model, network, workload)
+        text = text_activations(config, model, network, workload) if trains_text_encoders(config) else None
+    finally:
+        if network is not None:
+            network.detach()
+    without = profile.peak(frozenset()) + (text[0] if text else 0)
+    if device.type == "cpu":
+        parts.append(("CPU allocator reserve (about the unchecked activations)", without))
+    if text:
+        state = "every layer checkpointed" if config.gradient_checkpointing else "no checkpointing"
+        parts.append((f"text encoder activations ({state})", text[1]))
+    plan = None
+    if config.gradient_checkpointing:
+        plan = checkpoint_plan(config, profile, sum(size for _, size in parts), device)
+        label = f"U-Net activations ({len(plan.checkpointed)} of {plan.unit_count} units checkpointed)"
+        parts.append((label, profile.peak(frozenset(plan.checkpointed))))
+    else:
+        parts.append(("U-Net activations (no checkpointing)", profile.peak(frozenset())))
+    return MemoryEstimate(tuple(parts), without, plan)
+
+
+def model_parts(config: TrainConfig, family: ModelFamily, model: Components,
+                workload: Workload) -> list[tuple[str, int]]:
+    """The frozen weights the step holds, in the dtypes the run stores them, and the caches held in memory."""
     weight_bytes = compute_dtype(config).itemsize
-    train_text = not config.network_train_unet_only
-    parts = [("runtime (Python, PyTorch, libraries)", runtime_bytes(device))]
     unet_bytes = 1 if config.fp8_base or config.fp8_base_unet else weight_bytes
-    parts.append((f"U-Net weights ({bytes_name(unet_bytes)})", parameter_bytes(model.unet, unet_bytes)))
-    if train_text or not config.cache_text_encoder_outputs:
+    parts = [(f"U-Net weights ({bytes_name(unet_bytes)})", parameter_bytes(model.unet, unet_bytes))]
+    if not config.cache_text_encoder_outputs:
         text_bytes = 1 if config.fp8_base else weight_bytes
         parts.append((f"text encoder weights ({bytes_name(text_bytes)})",
                       sum(parameter_bytes(encoder, text_bytes) for encoder in model.text_encoders)))
@@ -107,25 +138,19 @@ def estimate_memory(config: TrainConfig, family: ModelFamily, model: Components,
         context, *pooled = family.text_stand_in(model.unet, 1, text_tokens(config))
         per_caption = sum(tensor.numel() for tensor in (context, *pooled)) * weight_bytes
         parts.append(("text-encoder output cache", workload.captions * per_caption))
+    return parts
+
+
+def network_parts(config: TrainConfig, network: nn.Module | None, state_bytes_per_element: float,
+                  ) -> list[tuple[str, int]]:
+    """The trained weights, their gradients (none held with --fused_backward_pass) and the optimizer state."""
     trained = sum(p.numel() for p in network.parameters()) if network is not None else 0
     network_bytes = 2 if config.full_bf16 or config.full_fp16 else 4
-    parts.append(("network weights", trained * network_bytes))
-    if not config.fused_backward_pass:  # fused: each gradient is consumed as soon as it is computed
+    parts = [("network weights", trained * network_bytes)]
+    if not config.fused_backward_pass:
         parts.append(("network gradients", trained * network_bytes))
     parts.append(("optimizer state", int(trained * state_bytes_per_element)))
-    profile = unet_activations(config, family, model, network, workload)
-    without = profile.peak(frozenset())
-    if device.type == "cpu":
-        parts.append(("CPU allocator reserve (about the unchecked activations)", without))
-    plan = None
-    if config.gradient_checkpointing:
-        fixed = sum(size for _, size in parts)
-        plan = checkpoint_plan(config, profile, fixed, device)
-        label = f"U-Net activations ({len(plan.checkpointed)} of {plan.unit_count} units checkpointed)"
-        parts.append((label, profile.peak(frozenset(plan.checkpointed))))
-    else:
-        parts.append(("U-Net activations (no checkpointing)", without))
-    return MemoryEstimate(tuple(parts), without, plan)
+    return parts
 
 
 def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int,
@@ -153,32 +178,59 @@ def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int,
                           f"{budget / GIB:.2f} GiB ({source})", peak_without)
 
 
+def trains_text_encoders(config: TrainConfig) -> bool:
+    """Whether the run trains text encoders (cached text outputs train the U-Net only)."""
+    return not config.network_train_unet_only and not config.cache_text_encoder_outputs
+
+
+def text_activations(config: TrainConfig, model: Components, network: nn.Module | None,
+                     workload: Workload) -> tuple[int, int]:
+    """Bytes the trained text encoders save for backward at the largest batch (every 75-token chunk is a
+    sequence of its own): without checkpointing, and with the run's checkpointing (every layer or none)."""
+    dtype, chunks = compute_dtype(config), (config.max_token_length or 75) // 75
+    without = held = 0
+    tokens = torch.zeros(workload.batch_size * chunks, 77, dtype=torch.long, device="meta")
+    for encoder in model.text_encoders:
+        layers = [(name, module) for name, module in encoder.named_modules()
+                  if isinstance(module, GradientCheckpointingLayer)]
+        original = next(encoder.parameters()).dtype
+        nn.Module.to(encoder, dtype)
+        try:
+            profile = measure_layers(encoder, layers, lambda: encoder(tokens, output_hidden_states=True),
+                                     (network,) if network is not None else ())
+        finally:
+            nn.Module.to(encoder, original)
+        without += profile.peak(frozenset())
+        checkpointed = {name for name, _ in layers} if config.gradient_checkpointing else set()
+        held += profile.peak(checkpointed)
+    return without, held
+
+
 def unet_activations(config: TrainConfig, family: ModelFamily, model: Components, network: nn.Module | None,
                      workload: Workload) -> ActivationProfile:
-    """One training forward of the meta U-Net (with the network attached when it is lorakit's) at the largest
-    batch, in the run's compute dtype."""
+    """One training forward of the meta U-Net with the attached network (None: a plug-in's, built at set-up) at
+    the largest batch, in the run's compute dtype; the text conditioning takes gradients when text encoders
+    train."""
     unet, dtype = model.unet, compute_dtype(config)
     width, height = workload.bucket
     batch = workload.batch_size
     original = next(unet.parameters()).dtype
     nn.Module.to(unet, dtype)  # not diffusers' `to`, which warns about fp32 modules a meta stand-in does not have
-    if network is not None:
-        network.to(dtype)
-        network.attach()
 
     def forward() -> torch.Tensor:
         with torch.device("meta"):
+            # without the plug-in's network, gradients through every layer stand in for its own
             noisy = torch.empty(batch, LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR,
-                                dtype=dtype, requires_grad=network is None)  # a plug-in's network: every layer
+                                dtype=dtype, requires_grad=network is None)
             timesteps = torch.zeros(batch, dtype=torch.long)
             sizes = torch.empty(batch, 6, dtype=dtype)
-        return family.predict(unet, noisy, timesteps, family.text_stand_in(unet, batch, text_tokens(config)), sizes)
+        text = tuple(t.requires_grad_(trains_text_encoders(config))
+                     for t in family.text_stand_in(unet, batch, text_tokens(config)))
+        return family.predict(unet, noisy, timesteps, text, sizes)
 
     try:
         return measure_activations(unet, forward, (network,) if network is not None else ())
     finally:
-        if network is not None:
-            network.detach()
         nn.Module.to(unet, original)
 
 
