@@ -14,16 +14,16 @@ sd-scripts' behaviour), `budget` (`--gradient_checkpointing` with `--memory_budg
 `none`. sd-scripts ran the bf16 settings at 5.9 s/step and 16.9 GB max RSS on this machine.
 
 Timing: a forward pre-hook on the U-Net stamps the start of each step, so a step is everything from one U-Net call
-to the next (forward, backward, optimizer, scheduler, data loading); the last step ends at its last optimizer
-step. s/step is the median of the steps after the first. Memory: VmHWM and ru_maxrss of the training process
-(loading and caching included, as sd-scripts' figure), the peaks of RSS and anonymous RSS sampled every 20 ms,
-overall and during the steps, and on a GPU `torch.cuda.max_memory_allocated`; each is set against the memory
+to the next (forward, backward, optimizer, scheduler, data loading); the last step ends at its last optimizer step.
+s/step is the median of the steps after the first. Memory: VmHWM and ru_maxrss of the training process (loading and
+caching included, as sd-scripts' figure), the peaks of RSS and anonymous RSS sampled every 20 ms, overall and during
+the steps, and on a GPU `torch.cuda.max_memory_allocated` from the first step on; each is set against the memory
 estimate the run printed (`lorakit.train.memory`). FLOP utilisation: the model's FLOPs per step (forward and
-backward counted by torch's FlopCounterMode on the meta device, recomputation not counted) per second, against
-the measured rate of a large matrix product in the run's dtype with the run's threads. The 1-minute load
-average is printed before and after each run: figures taken while it is above ~1 are not the machine's own: when
-other processes hold the cores, torch's OpenMP threads wait for each other at every op (a tiny step took 10-50x
-longer with 2 threads than with 1 at load 8-13), so `--threads 1` and the CPU time per step show the work itself.
+backward counted by torch's FlopCounterMode on the meta device, recomputation not counted) per second, against the
+measured rate of a large matrix product in the run's dtype with the run's threads. The 1-minute load average is
+printed before and after each run: figures taken while it is above ~1 are not the machine's own: when other
+processes hold the cores, torch's OpenMP threads wait for each other at every op (a tiny step took 10-50x longer
+with 2 threads than with 1 at load 8-13), so `--threads 1` and the CPU time per step show the work itself.
 
 Without --checkpoint, a random checkpoint is written with `lorakit random-model --size SIZE --format single-file
 --dtype fp16` (full: about 6.9 GB under the temp folder) and deleted afterwards unless --keep.
@@ -273,6 +273,8 @@ def run_child(spec: dict) -> None:
     def on_step_start(_module, _inputs) -> None:
         if not starts:
             sampler.mark_steps()
+            if torch.cuda.is_available():  # the steps' peak, not the caching's (VAE encodes) before them
+                torch.cuda.reset_peak_memory_stats()
             if spec["fused"]:
                 fused["state"] = _fused_hooks(built_optimizers[-1])
         if profiler is not None and len(starts) == 1:
