@@ -6,7 +6,8 @@
 # Writes a full-size random SDXL checkpoint (6.9 GB, seeded; no download), then trains the real `lorakit train`
 # at 1024x1024, batch 1, LoRA dim 32, bf16 (--mixed_precision bf16 --full_bf16), AdamW, cached latents and text
 # outputs, three times: every U-Net block checkpointed (sd-scripts' --gradient_checkpointing), the budget plan
-# (--gradient_checkpointing with the GPU's free memory as budget), and no checkpointing. Each run prints s/step
+# (--gradient_checkpointing with the GPU's free memory as budget), and no checkpointing; then the budget plan once
+# more without --full_bf16. Each run prints s/step
 # (median after the first step), torch.cuda.max_memory_allocated against lorakit's estimate, and the model-FLOP
 # utilisation against the card's measured bf16 matrix-product rate (bench/train_step.py).
 #
@@ -33,5 +34,8 @@ if [ ! -f "$WORK/full.safetensors" ]; then
   echo "random full-size SDXL written in $(( $(date +%s) - start )) s"
 fi
 "$PYTHON" bench/train_step.py --size full --checkpoint "$WORK/full.safetensors" --resolution 1024 --dim 32 \
-  --precision bf16 --runs adamw --plans all budget none --steps 12
+  --precision bf16 --runs adamw --plans all budget none --steps 10
+# sd-scripts' most common setting: bf16 autocast over a float32 network (no --full_bf16)
+"$PYTHON" bench/train_step.py --size full --checkpoint "$WORK/full.safetensors" --resolution 1024 --dim 32 \
+  --precision mixed --runs adamw --plans budget --steps 10
 echo "work folder (the checkpoint is kept for a rerun): $WORK"

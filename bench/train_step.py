@@ -7,7 +7,8 @@
 Each run is the real `lorakit train` (`lorakit.train.cli.main`) in a fresh process, on one synthetic
 `resolution`² image repeated for N steps: batch 1, LoRA rank `--dim`, U-Net only, `--cache_latents
 --cache_text_encoder_outputs`, AdamW (`adamw`, sd-scripts' settings) or `--fused_backward_pass` with Adafactor
-(`fused`). Precision: `bf16` is `--mixed_precision bf16 --full_bf16`, `fp32` is `--mixed_precision no`; `auto`
+(`fused`). Precision: `bf16` is `--mixed_precision bf16 --full_bf16`, `mixed` the same without `--full_bf16` (a
+float32 network under autocast), `fp32` is `--mixed_precision no`; `auto`
 takes fp32 on a CPU whose bf16 matrix products run at less than half its fp32 rate (no native bf16: AVX2-only
 CPUs run them ~450x slower). Gradient checkpointing per `--plans`: `all` (`--gradient_checkpointing_blocks all`,
 sd-scripts' behaviour), `budget` (`--gradient_checkpointing` with `--memory_budget_gb`, or a GPU's free memory),
@@ -53,7 +54,8 @@ GOAL = {"seconds": 0.75, "max_rss": 0.45}  # fractions of sd-scripts' figures
 COMMON = ["--network_module", "networks.lora", "--network_train_unet_only", "--cache_latents",
           "--cache_text_encoder_outputs", "--lr_scheduler", "constant", "--learning_rate", "1e-4", "--seed", "0",
           "--save_model_as", "safetensors", "--output_name", "bench"]
-PRECISION = {"bf16": ["--mixed_precision", "bf16", "--full_bf16"], "fp32": ["--mixed_precision", "no"]}
+PRECISION = {"bf16": ["--mixed_precision", "bf16", "--full_bf16"], "mixed": ["--mixed_precision", "bf16"],
+             "fp32": ["--mixed_precision", "no"]}
 PLANS = ("all", "budget", "none")
 PLAN_FLAGS = {"all": ["--gradient_checkpointing", "--gradient_checkpointing_blocks", "all"],
               "budget": ["--gradient_checkpointing"], "none": []}
@@ -75,9 +77,9 @@ def main() -> None:
                         "(--budget-gb), none")
     parser.add_argument("--budget-gb", type=float, help="--memory_budget_gb of the 'budget' plan (GiB; on a GPU "
                         "the default is its free memory)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 where the CPU (or GPU) multiplies bf16 at least half as fast as fp32, "
-                        "else fp32")
+    parser.add_argument("--precision", choices=("auto", *PRECISION), default="auto",
+                        help="bf16: --full_bf16; mixed: bf16 autocast over a float32 network; auto: bf16 where "
+                        "the CPU (or GPU) multiplies bf16 at least half as fast as fp32, else fp32")
     parser.add_argument("--dim", type=int, default=8, help="--network_dim")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--extra", default="", help="more `lorakit train` flags for every run, e.g. "
@@ -163,7 +165,7 @@ def report(name: str, size: str, result: dict, load_before: str, load_after: str
     print(f"  {result['plan']}")
     rate = result["matmul_rate"]
     print(f"  model FLOPs {flops / 1e12:.3f} TFLOP/step (forward + backward, no recomputation): "
-          f"{flops / median / 1e9:.1f} GFLOP/s = {flops / median / rate:.1%} of the measured {precision} "
+          f"{flops / median / 1e9:.1f} GFLOP/s = {flops / median / rate:.1%} of the measured {'fp32' if precision == 'fp32' else 'bf16'} "
           f"matrix-product rate ({rate / 1e9:.0f} GFLOP/s, {result['threads']} threads)")
     if size == "full" and name.startswith("adamw") and precision == "bf16":  # sd-scripts' figures are bf16
         print(f"  vs sd-scripts (5.9 s/step, 16.9 GB max RSS): time {median / REFERENCE['seconds']:.2f}x "
@@ -209,7 +211,7 @@ def step_flops(size: str, resolution: int, dim: int, precision: str) -> float:
 
     family = family_named("sdxl")
     part = next(p for p in family.layout.parts() if p.attribute == "unet")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     with torch.device("meta"):
         unet = torch.nn.Module.to(part.build(part.config(size)), dtype)
     network = build_network(unet, [], network_dim=dim, network_alpha=1, train_text_encoder=False, lora=family.lora)

@@ -13,7 +13,7 @@ from lorakit.network.network import build_network
 from lorakit.testing.random_models import random_components
 from lorakit.train.checkpointing import (ActivationProfile, Segment, apply_plan, checkpoint_units, choose_units,
                                          measure_activations, measure_layers)
-from lorakit.train.memory import Workload, estimate_memory
+from lorakit.train.memory import Workload, estimate_memory, model_parts
 
 SDXL = family_named("sdxl")
 
@@ -47,7 +47,7 @@ def test_the_fewest_units_largest_saving_first_that_fit_the_budget():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    unet = random_components("tiny", seed=3).unet
+    unet = random_components("tiny", seed=3).unet.requires_grad_(False)  # frozen, as the run has it
     network = build_network(unet, [], network_dim=4, network_alpha=2, train_text_encoder=False, lora=SDXL.lora)
     network.attach()
     for module in network.loras:  # a trained LoRA, so that every branch carries gradient from the first step
@@ -79,7 +79,7 @@ def test_the_meta_measurement_counts_what_a_real_forward_saves(tiny):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         SDXL.predict(unet, noisy, timesteps, text, sizes)
-    meta_unet = random_components("tiny", seed=3).unet.to("meta")
+    meta_unet = random_components("tiny", seed=3).unet.to("meta").requires_grad_(False)
     meta_network = build_network(meta_unet, [], network_dim=4, network_alpha=2, train_text_encoder=False,
                                  lora=SDXL.lora)
     meta_network.attach()
@@ -145,10 +145,12 @@ def sample(width: int, height: int, batch_size: int, caption: str, flip: bool = 
 
 
 def test_the_workload_is_the_batch_with_most_pixels_and_every_cached_latent():
-    workload = Workload.of([sample(1024, 1024, 1, "a"), sample(768, 768, 2, "b", flip=True), sample(512, 512, 4, "a")])
+    training = [sample(1024, 1024, 1, "a"), sample(768, 768, 2, "b", flip=True), sample(512, 512, 4, "a")]
+    validation = [sample(2048, 2048, 4, "c")]  # no gradients, so no activations: only its caches count
+    workload = Workload.of(training, training + validation)
     assert (workload.bucket, workload.batch_size) == ((768, 768), 2)  # 1.18 M pixels x 2 beats 1.05 M x 1
-    assert workload.latent_elements == 4 * (128 * 128 + 2 * 96 * 96 + 64 * 64)
-    assert workload.captions == 2
+    assert workload.latent_elements == 4 * (128 * 128 + 2 * 96 * 96 + 64 * 64 + 256 * 256)
+    assert workload.captions == 3
 
 
 def test_the_estimate_counts_each_part_in_the_dtype_the_run_stores_it(tiny):
@@ -170,8 +172,30 @@ def test_the_estimate_counts_each_part_in_the_dtype_the_run_stores_it(tiny):
     assert parts["optimizer state"] == 8 * lora
     assert not any(what.startswith(("VAE", "text encoder weights")) for what in parts)  # cached: released
     assert estimate.plan.checkpointed == () and estimate.total < 64 * 2**30
-    assert parts["U-Net activations (0 of 18 units checkpointed)"] == estimate.activations_without > 0
-    assert parts["CPU allocator reserve (about the unchecked activations)"] == estimate.activations_without
+    activations = parts["U-Net activations (0 of 18 units checkpointed)"]
+    assert activations == parts["CPU allocator reserve (about the unchecked activations)"] > 0
+    assert estimate.plan.peak_without == estimate.total
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.unet.parameters())  # as they were
+    assert all(p.dtype == torch.float32 for p in network.parameters()) and not network.loras[0].attached
+    on_gpu = dict(model_parts(config, SDXL, model, workload, torch.device("cuda")))
+    assert "latent cache" not in on_gpu and "text-encoder output cache" not in on_gpu  # the host holds them
+
+
+def test_without_full_bf16_each_network_layer_saves_its_own_copy_of_its_input():
+    """Autocast casts the float32 network's input for each of its layers, and each saves its copy."""
+    def activations(*flags):
+        model = random_components("tiny", seed=3)
+        model.unet.to("meta").requires_grad_(False)
+        network = build_network(model.unet, [], network_dim=4, network_alpha=2, train_text_encoder=False,
+                                lora=SDXL.lora)
+        config = parse_train_args(["--pretrained_model_name_or_path", "m", "--dataset_config", "d",
+                                   "--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only",
+                                   "--mixed_precision", "bf16", *flags])
+        estimate = estimate_memory(config, SDXL, model, network, Workload((64, 64), 1, 0, 0), torch.device("cpu"),
+                                   8)
+        return dict(estimate.parts)["U-Net activations (no checkpointing)"]
+
+    assert activations() > activations("--full_bf16")
 
 
 def test_the_meta_measurement_of_a_text_encoder_counts_what_a_real_forward_saves():

@@ -323,6 +323,9 @@ def _check_checkpointing(config: TrainConfig) -> None:
     if config.memory_budget_gb is not None and not config.gradient_checkpointing:
         raise LorakitError(f"--memory_budget_gb {config.memory_budget_gb:g} plans gradient checkpointing: add "
                            "--gradient_checkpointing")
+    if config.gradient_checkpointing_blocks == "all" and not config.gradient_checkpointing:
+        raise LorakitError("--gradient_checkpointing_blocks all says which blocks --gradient_checkpointing "
+                           "recomputes: add --gradient_checkpointing")
     if config.memory_budget_gb is not None and config.gradient_checkpointing_blocks == "all":
         raise LorakitError(f"--memory_budget_gb {config.memory_budget_gb:g} chooses blocks to checkpoint; "
                            "--gradient_checkpointing_blocks all checkpoints every block: drop one")

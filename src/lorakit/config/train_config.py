@@ -93,7 +93,7 @@ class TrainConfig:
                                                 "the backward pass to save memory")
     gradient_checkpointing_blocks: str = MODEL.flag(
         "auto", str, "with --gradient_checkpointing: 'auto' checkpoints only the U-Net blocks the memory budget "
-        "needs (largest activations first; every block on a CPU without --memory_budget_gb), 'all' every block "
+        "needs (largest saving first; every block on a CPU without --memory_budget_gb), 'all' every block "
         "as sd-scripts does", choices=("auto", "all"), kohya=False)
     memory_budget_gb: float | None = MODEL.flag(
         None, number, "with --gradient_checkpointing: the step's peak memory to plan for, in GiB (default: 90% of "

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 GIB = 2**30
+ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def measure_activations(unet: nn.Module, forward: Callable[[], torch.Tensor],
     network)."""
     counter = _SavedTensors({id(p) for module in (unet, *extra_parameters) for p in module.parameters()})
     units = checkpoint_units(unet)
-    previous = [(module.gradient_checkpointing, getattr(module, "_gradient_checkpointing_func", None))
+    previous = [(module.gradient_checkpointing, module.__dict__.get("_gradient_checkpointing_func", ABSENT))
                 for _, module in units]
 
     def counted(name: str) -> Callable:
@@ -193,7 +194,10 @@ def measure_activations(unet: nn.Module, forward: Callable[[], torch.Tensor],
     finally:
         for (_, module), (flag, function) in zip(units, previous):
             module.gradient_checkpointing = flag
-            module._gradient_checkpointing_func = function
+            if function is ABSENT:
+                del module._gradient_checkpointing_func
+            else:
+                module._gradient_checkpointing_func = function
     return counter.profile(tuple(name for name, _ in units))
 
 

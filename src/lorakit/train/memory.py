@@ -17,25 +17,24 @@ peak (bench/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lorakit.config import TrainConfig
 from lorakit.data.dataset import Sample
 from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components
-from transformers.modeling_layers import GradientCheckpointingLayer
-
-from lorakit.train.checkpointing import (ActivationProfile, CheckpointPlan, choose_units, measure_activations,
+from lorakit.train.checkpointing import (GIB, ActivationProfile, CheckpointPlan, choose_units, measure_activations,
                                          measure_layers)
 
 logger = logging.getLogger("lorakit")
 
-GIB = 2**30
 GPU_SHARE = 0.9  # of the GPU's free memory a plan fills: the rest absorbs the caching allocator's fragmentation
 LATENT_CHANNELS = 4
 LATENT_FACTOR = 8  # image side / latent side
@@ -45,17 +44,19 @@ LATENT_FACTOR = 8  # image side / latent side
 class Workload:
     """What the run's data asks of memory."""
 
-    bucket: tuple[int, int]  # (width, height) of the batch with the most pixels
+    bucket: tuple[int, int]  # (width, height) of the training batch with the most pixels
     batch_size: int  # ... and its size
     latent_elements: int  # of every latent the memory cache would hold (flipped copies included)
     captions: int  # distinct captions the text cache would hold
 
     @classmethod
-    def of(cls, samples: Sequence[Sample]) -> Workload:
-        largest = max(samples, key=lambda sample: sample.bucket[0] * sample.bucket[1] * sample.batch_size)
+    def of(cls, training: Sequence[Sample], cached: Sequence[Sample]) -> Workload:
+        """`training`: the samples that train (validation runs without gradients, saving nothing); `cached`:
+        every sample the caches hold, validation included."""
+        largest = max(training, key=lambda sample: sample.bucket[0] * sample.bucket[1] * sample.batch_size)
         latents = sum(LATENT_CHANNELS * (s.bucket[0] // LATENT_FACTOR) * (s.bucket[1] // LATENT_FACTOR)
-                      * (2 if s.record.subset.flip_aug else 1) for s in samples)
-        return cls(largest.bucket, largest.batch_size, latents, len({s.record.caption for s in samples}))
+                      * (2 if s.record.subset.flip_aug else 1) for s in cached)
+        return cls(largest.bucket, largest.batch_size, latents, len({s.record.caption for s in cached}))
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,6 @@ class MemoryEstimate:
     """Bytes per part of the step's peak, and the checkpointing plan the activations assume."""
 
     parts: tuple[tuple[str, int], ...]  # (what, bytes), activations last
-    activations_without: int  # the U-Net's activations with nothing checkpointed
     plan: CheckpointPlan | None  # None without --gradient_checkpointing
 
     @property
@@ -90,38 +90,35 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
 
 def estimate_memory(config: TrainConfig, family: ModelFamily, model: Components, network: nn.Module | None,
                     workload: Workload, device: torch.device, state_bytes_per_element: float) -> MemoryEstimate:
-    """The step's peak, part by part, from the meta `model` and `network`; with --gradient_checkpointing, the
-    plan of units to checkpoint."""
+    """The step's peak on `device`, part by part, from the meta `model` and `network` (None: a plug-in's); with
+    --gradient_checkpointing, the plan of units to checkpoint."""
     parts = [("runtime (Python, PyTorch, libraries)", runtime_bytes(device)),
-             *model_parts(config, family, model, workload), *network_parts(config, network, state_bytes_per_element)]
-    if network is not None:
-        network.to(compute_dtype(config))
-        network.attach()
-    try:
+             *model_parts(config, family, model, workload, device),
+             *network_parts(config, network, state_bytes_per_element)]
+    train_text = trains_text_encoders(config)
+    with measuring(config, model, network):
         profile = unet_activations(config, family, model, network, workload)
-        text = text_activations(config, model, network, workload) if trains_text_encoders(config) else None
-    finally:
-        if network is not None:
-            network.detach()
-    without = profile.peak(frozenset()) + (text[0] if text else 0)
+        text_without, text_held = text_activations(config, model, network, workload) if train_text else (0, 0)
+    unchecked = profile.peak(frozenset()) + text_without
     if device.type == "cpu":
-        parts.append(("CPU allocator reserve (about the unchecked activations)", without))
-    if text:
+        parts.append(("CPU allocator reserve (about the unchecked activations)", unchecked))
+    if train_text:
         state = "every layer checkpointed" if config.gradient_checkpointing else "no checkpointing"
-        parts.append((f"text encoder activations ({state})", text[1]))
-    plan = None
-    if config.gradient_checkpointing:
-        plan = checkpoint_plan(config, profile, sum(size for _, size in parts), device)
-        label = f"U-Net activations ({len(plan.checkpointed)} of {plan.unit_count} units checkpointed)"
-        parts.append((label, profile.peak(frozenset(plan.checkpointed))))
-    else:
+        parts.append((f"text encoder activations ({state})", text_held))
+    if not config.gradient_checkpointing:
         parts.append(("U-Net activations (no checkpointing)", profile.peak(frozenset())))
-    return MemoryEstimate(tuple(parts), without, plan)
+        return MemoryEstimate(tuple(parts), None)
+    fixed = sum(size for _, size in parts)
+    plan = checkpoint_plan(config, profile, fixed, device, peak_without=fixed - text_held + unchecked)
+    label = f"U-Net activations ({len(plan.checkpointed)} of {plan.unit_count} units checkpointed)"
+    parts.append((label, profile.peak(frozenset(plan.checkpointed))))
+    return MemoryEstimate(tuple(parts), plan)
 
 
-def model_parts(config: TrainConfig, family: ModelFamily, model: Components,
-                workload: Workload) -> list[tuple[str, int]]:
-    """The frozen weights the step holds, in the dtypes the run stores them, and the caches held in memory."""
+def model_parts(config: TrainConfig, family: ModelFamily, model: Components, workload: Workload,
+                device: torch.device) -> list[tuple[str, int]]:
+    """The frozen weights the step holds, in the dtypes the run stores them, and on a CPU the caches (a GPU run
+    keeps them in the host's memory)."""
     weight_bytes = compute_dtype(config).itemsize
     unet_bytes = 1 if config.fp8_base or config.fp8_base_unet else weight_bytes
     parts = [(f"U-Net weights ({bytes_name(unet_bytes)})", parameter_bytes(model.unet, unet_bytes))]
@@ -132,7 +129,9 @@ def model_parts(config: TrainConfig, family: ModelFamily, model: Components,
     vae_bytes = 4 if config.no_half_vae else weight_bytes
     if not config.cache_latents:
         parts.append((f"VAE weights ({bytes_name(vae_bytes)})", parameter_bytes(model.vae, vae_bytes)))
-    elif not config.cache_latents_to_disk:
+    if device.type != "cpu":
+        return parts
+    if config.cache_latents and not config.cache_latents_to_disk:
         parts.append(("latent cache", workload.latent_elements * vae_bytes))
     if config.cache_text_encoder_outputs and not config.cache_text_encoder_outputs_to_disk:
         context, *pooled = family.text_stand_in(model.unet, 1, text_tokens(config))
@@ -144,20 +143,25 @@ def model_parts(config: TrainConfig, family: ModelFamily, model: Components,
 def network_parts(config: TrainConfig, network: nn.Module | None, state_bytes_per_element: float,
                   ) -> list[tuple[str, int]]:
     """The trained weights, their gradients (none held with --fused_backward_pass) and the optimizer state."""
-    trained = sum(p.numel() for p in network.parameters()) if network is not None else 0
-    network_bytes = 2 if config.full_bf16 or config.full_fp16 else 4
-    parts = [("network weights", trained * network_bytes)]
+    if network is None:
+        return [("network: a plug-in's, built at set-up, not counted", 0)]
+    trained = sum(p.numel() for p in network.parameters())
+    parts = [("network weights", trained * network_bytes(config))]
     if not config.fused_backward_pass:
-        parts.append(("network gradients", trained * network_bytes))
+        parts.append(("network gradients", trained * network_bytes(config)))
     parts.append(("optimizer state", int(trained * state_bytes_per_element)))
     return parts
 
 
-def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int,
-                    device: torch.device) -> CheckpointPlan:
+def network_bytes(config: TrainConfig) -> int:
+    return 2 if config.full_bf16 or config.full_fp16 else 4
+
+
+def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int, device: torch.device,
+                    peak_without: int) -> CheckpointPlan:
     """--gradient_checkpointing_blocks all: every unit; else the fewest units that fit --memory_budget_gb or the
-    GPU's free memory; on a CPU without a budget every unit."""
-    names, peak_without = profile.unit_names, fixed + profile.peak(frozenset())
+    GPU's free memory; without either, every unit. `fixed`: every other part of the step's peak."""
+    names = profile.unit_names
     if config.gradient_checkpointing_blocks == "all":
         return CheckpointPlan(names, len(names), "as --gradient_checkpointing_blocks all asks", peak_without)
     if config.memory_budget_gb is not None:
@@ -166,7 +170,8 @@ def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int,
         free = torch.cuda.mem_get_info(device)[0]
         budget, source = int(GPU_SHARE * free), f"{GPU_SHARE:.0%} of the GPU's free {free / GIB:.1f} GiB"
     else:
-        return CheckpointPlan(names, len(names), "the CPU's default (--memory_budget_gb plans fewer)", peak_without)
+        return CheckpointPlan(names, len(names), f"the default on the {device.type.upper()} (--memory_budget_gb "
+                              "plans fewer)", peak_without)
     chosen = choose_units(profile, fixed, budget)
     peak = fixed + profile.peak(frozenset(chosen))
     if peak > budget:
@@ -178,6 +183,44 @@ def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int,
                           f"{budget / GIB:.2f} GiB ({source})", peak_without)
 
 
+@contextlib.contextmanager
+def measuring(config: TrainConfig, model: Components, network: nn.Module | None) -> Iterator[None]:
+    """The meta model and network as the run trains them, restored afterwards: base weights frozen and in the
+    compute dtype, the network attached; with mixed precision and a float32 network (no --full_bf16/fp16),
+    autocast gives each of its layers a compute-dtype copy of its input, which that layer saves: the meta device
+    has no autocast, so the network computes in the compute dtype and each of its layers copies its input. The
+    CPU's random state is left as it was (module dropout draws from it)."""
+    dtype = compute_dtype(config)
+    bases = [module for module in (model.unet, *model.text_encoders) if module is not None]
+    before = [(module, next(module.parameters()).dtype, [p.requires_grad for p in module.parameters()])
+              for module in bases]
+    network_dtype = next(network.parameters()).dtype if network is not None else None
+    hooks = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        for module in bases:
+            nn.Module.to(module, dtype)  # not diffusers' `to`, which warns about fp32 modules a stand-in lacks
+            module.requires_grad_(False)
+        if network is not None:
+            network.to(dtype)
+            network.attach()  # new_network's network is not attached: detached again below
+            if dtype != torch.float32 and network_bytes(config) == 4:
+                hooks = [layer.register_forward_pre_hook(lambda _, args: (args[0].clone(), *args[1:]))
+                         for layer in network.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if network is not None:
+                network.detach()
+                network.to(network_dtype)
+            for module, original, grads in before:
+                nn.Module.to(module, original)
+                for parameter, grad in zip(module.parameters(), grads):
+                    parameter.requires_grad_(grad)
+
+
 def trains_text_encoders(config: TrainConfig) -> bool:
     """Whether the run trains text encoders (cached text outputs train the U-Net only)."""
     return not config.network_train_unet_only and not config.cache_text_encoder_outputs
@@ -187,35 +230,26 @@ def text_activations(config: TrainConfig, model: Components, network: nn.Module 
                      workload: Workload) -> tuple[int, int]:
     """Bytes the trained text encoders save for backward at the largest batch (every 75-token chunk is a
     sequence of its own): without checkpointing, and with the run's checkpointing (every layer or none)."""
-    dtype, chunks = compute_dtype(config), (config.max_token_length or 75) // 75
+    chunks = (config.max_token_length or 75) // 75
     without = held = 0
     tokens = torch.zeros(workload.batch_size * chunks, 77, dtype=torch.long, device="meta")
     for encoder in model.text_encoders:
         layers = [(name, module) for name, module in encoder.named_modules()
                   if isinstance(module, GradientCheckpointingLayer)]
-        original = next(encoder.parameters()).dtype
-        nn.Module.to(encoder, dtype)
-        try:
-            profile = measure_layers(encoder, layers, lambda: encoder(tokens, output_hidden_states=True),
-                                     (network,) if network is not None else ())
-        finally:
-            nn.Module.to(encoder, original)
+        profile = measure_layers(encoder, layers, lambda: encoder(tokens, output_hidden_states=True),
+                                 (network,) if network is not None else ())
         without += profile.peak(frozenset())
-        checkpointed = {name for name, _ in layers} if config.gradient_checkpointing else set()
-        held += profile.peak(checkpointed)
+        held += profile.peak({name for name, _ in layers} if config.gradient_checkpointing else set())
     return without, held
 
 
 def unet_activations(config: TrainConfig, family: ModelFamily, model: Components, network: nn.Module | None,
                      workload: Workload) -> ActivationProfile:
-    """One training forward of the meta U-Net with the attached network (None: a plug-in's, built at set-up) at
-    the largest batch, in the run's compute dtype; the text conditioning takes gradients when text encoders
-    train."""
+    """One training forward of the meta U-Net (under `measuring`) at the largest batch; the text conditioning
+    takes gradients when text encoders train."""
     unet, dtype = model.unet, compute_dtype(config)
     width, height = workload.bucket
     batch = workload.batch_size
-    original = next(unet.parameters()).dtype
-    nn.Module.to(unet, dtype)  # not diffusers' `to`, which warns about fp32 modules a meta stand-in does not have
 
     def forward() -> torch.Tensor:
         with torch.device("meta"):
@@ -228,10 +262,7 @@ def unet_activations(config: TrainConfig, family: ModelFamily, model: Components
                      for t in family.text_stand_in(unet, batch, text_tokens(config)))
         return family.predict(unet, noisy, timesteps, text, sizes)
 
-    try:
-        return measure_activations(unet, forward, (network,) if network is not None else ())
-    finally:
-        nn.Module.to(unet, original)
+    return measure_activations(unet, forward, (network,) if network is not None else ())
 
 
 def text_tokens(config: TrainConfig) -> int:

@@ -208,7 +208,11 @@ def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_ste
     among them, as a fresh LoRA has), check the weights stay finite, and build the LR schedule the run will use;
     what the libraries refuse becomes one line naming the flags. Returns the optimizer state's bytes per trained
     parameter."""
-    stand_ins = [{**group, "params": [torch.zeros(8, device=device, requires_grad=True)]} for group in groups]
+    # Matrices of the network's dtype, large enough for the state per parameter a LoRA's matrices get (Adafactor
+    # factors matrices only; bitsandbytes keeps 32-bit state below 4096 elements).
+    dtype = torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else torch.float32
+    stand_ins = [{**group, "params": [torch.zeros(64, 128, device=device, dtype=dtype, requires_grad=True)]}
+                 for group in groups]
     what = f"--optimizer_type {config.optimizer_type}" + (
         f" --optimizer_args {' '.join(config.optimizer_args)}" if config.optimizer_args else "")
     with warnings.catch_warnings():
@@ -217,7 +221,8 @@ def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_ste
             built = make_optimizer(config, stand_ins)
             for group in built.optimizer.param_groups:
                 for param in group["params"]:
-                    param.grad = torch.tensor([1e-3, 0.0, -1e-3, 0.0, 2e-3, 0.0, -2e-3, 0.0], device=device)
+                    param.grad = torch.tensor([1e-3, 0.0, -1e-3, 0.0, 2e-3, 0.0, -2e-3, 0.0], device=device,
+                                              dtype=dtype).repeat(1024).view(64, 128)
             built.optimizer.step()
         state_bytes = sum(value.numel() * value.element_size() for state in built.optimizer.state.values()
                           for value in state.values() if isinstance(value, torch.Tensor) and value.dim())

@@ -158,7 +158,7 @@ def train(config: TrainConfig, events: EventsLog | None = None) -> TrainResult:
     start = start_position(config, plan.steps_per_epoch, resumed, world)
     refuse_start_past_the_end(config, start.global_step, plan.max_train_steps)
     checked = preflight(config, family, prompts, resumed, plan.max_train_steps, accelerator.device, world,
-                        Workload.of(data.all_samples() + validation_data.all_samples()))
+                        Workload.of(data.all_samples(), data.all_samples() + validation_data.all_samples()))
     if main:
         print(dataset_summary(datasets, [data.bucket_counts(i) for i in range(len(datasets))]))
         print(f"batches per epoch {plan.batches_per_epoch} (per process), optimizer steps per epoch "
@@ -517,11 +517,11 @@ def prepare_network(config: TrainConfig, network, models: Models, plan: Checkpoi
     if config.gradient_checkpointing:
         apply_plan(models.unet, plan.checkpointed if plan is not None else
                    tuple(name for name, _ in checkpoint_units(models.unet)))
-        models.unet.train()  # diffusers checkpoints only in training mode; dropout-free, so outputs are unchanged
+        models.unet.train()  # as sd-scripts does; the U-Net has no dropout, so its outputs are unchanged
         for text_encoder in models.text_encoders:
             if text_encoder is not None and not config.network_train_unet_only:
                 text_encoder.gradient_checkpointing_enable()
-                text_encoder.train()
+                text_encoder.train()  # transformers checkpoints layers only in training mode
     if config.torch_compile:
         models.unet.compile(backend=config.dynamo_backend)
 
