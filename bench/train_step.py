@@ -163,9 +163,9 @@ def report(name: str, size: str, result: dict, load_before: str, load_after: str
               f"({'torch.cuda.max_memory_allocated' if on_gpu else 'RSS during the steps'}) {measured / GIB:.2f} "
               f"GiB: estimate/measured {result['estimate'] / measured:.2f}")
     print(f"  {result['plan']}")
-    rate = result["matmul_rate"]
+    rate, dtype = result["matmul_rate"], "fp32" if precision == "fp32" else "bf16"
     print(f"  model FLOPs {flops / 1e12:.3f} TFLOP/step (forward + backward, no recomputation): "
-          f"{flops / median / 1e9:.1f} GFLOP/s = {flops / median / rate:.1%} of the measured {'fp32' if precision == 'fp32' else 'bf16'} "
+          f"{flops / median / 1e9:.1f} GFLOP/s = {flops / median / rate:.1%} of the measured {dtype} "
           f"matrix-product rate ({rate / 1e9:.0f} GFLOP/s, {result['threads']} threads)")
     if size == "full" and name.startswith("adamw") and precision == "bf16":  # sd-scripts' figures are bf16
         print(f"  vs sd-scripts (5.9 s/step, 16.9 GB max RSS): time {median / REFERENCE['seconds']:.2f}x "
