@@ -332,10 +332,11 @@ PARTNERS = {
     "memory_budget_gb": ["--gradient_checkpointing"], "gradient_checkpointing_blocks": ["--gradient_checkpointing"],
 }
 GOOD_VALUES = {
+    "memory_budget_gb": ["8"],
     "resolution": ["64"], "train_batch_size": ["2"], "min_bucket_reso": ["64"], "max_bucket_reso": ["128"],
     "bucket_reso_steps": ["32"], "max_train_steps": ["3"], "max_train_epochs": ["2"], "min_timestep": ["100"],
     "max_timestep": ["900"], "lr_warmup_steps": ["0.1"], "lr_decay_steps": ["10%"], "mixed_precision": ["no"],
-    "network_dim": ["8"], "network_alpha": ["4"], "ema_decay": ["0.99"], "memory_budget_gb": ["8"], "caption_extension": [".txt"], "caption_extention": [".txt"],
+    "network_dim": ["8"], "network_alpha": ["4"], "ema_decay": ["0.99"], "caption_extension": [".txt"], "caption_extention": [".txt"],
     "caption_separator": [";"], "keep_tokens_separator": ["|||"], "secondary_separator": [";;;"],
     "lr_scheduler_min_lr_ratio": ["0.1"], "lr_scheduler_timescale": ["10"], "resize_interpolation": ["bicubic"],
     "optimizer_type": ["Lion"], "lr_scheduler": ["cosine"], "network_module": ["networks.lora"],
@@ -803,6 +804,8 @@ def argument_cases(world: World) -> list[Case]:
         case("memory budget with every block", "--memory_budget_gb", "--gradient_checkpointing", "--memory_budget_gb",
              "8", "--gradient_checkpointing_blocks", "all"),
         case("memory budget below the weights", None, "--gradient_checkpointing", "--memory_budget_gb", "0.01"),
+        case("every block without checkpointing", "--gradient_checkpointing_blocks", "--gradient_checkpointing_blocks",
+             "all"),
         case("unknown optimizer", "--optimizer_type", "--optimizer_type", "NoSuchOptimizer"),
         case("optimizer module missing", "--optimizer_type", "--optimizer_type", "no_such_package.Optim"),
         case("optimizer eps=-1", "--optimizer_args", "--optimizer_args", "eps=-1"),

@@ -44,7 +44,7 @@ from lorakit.train.ema import WeightAverage
 from lorakit.train.fused import check_fused_backward
 from lorakit.train.grad_scaler import gradient_scaler
 from lorakit.train.logs import check_logging
-from lorakit.train.memory import MemoryEstimate, Workload, estimate_memory
+from lorakit.train.memory import MemoryEstimate, Workload, estimate_memory, network_parts
 from lorakit.train.metadata import thumbnail_url
 from lorakit.train.resume import rehearse_restore
 from lorakit.train.run_setup import base_weight_multipliers, make_lr_scheduler, make_optimizer, new_network
@@ -83,7 +83,9 @@ def preflight(config: TrainConfig, family: ModelFamily, prompts: list[SampleProm
     state_bytes = rehearse_optimization(config, network_groups(config, network), max_train_steps, device, world)
     if model is None:
         lines.append(f"model: {config.pretrained_model_name_or_path} is on the hub, not in the local cache: it is "
-                     "downloaded when the run starts, so its shapes and the network on it are not checked here")
+                     "downloaded when the run starts, so its shapes, the network on it and its memory are not checked "
+                     "here" + ("; --gradient_checkpointing checkpoints every U-Net block" if
+                               config.gradient_checkpointing else ""))
         memory = None
     else:
         check_network_fits(config, network, state_bytes)
@@ -303,7 +305,7 @@ class _refusal:
 def check_network_fits(config: TrainConfig, network: LoRANetwork | None, state_bytes: float) -> None:
     """Refuses a network that with its gradients and optimizer state alone would not fit the device."""
     parameters = sum(p.numel() for p in network.parameters()) if network is not None else 0
-    size = parameters * ((2 if config.full_bf16 or config.full_fp16 else 4) * 2 + state_bytes)
+    size = sum(part for _, part in network_parts(config, network, state_bytes))
     available = device_memory()
     if size > available:
         raise LorakitError(f"the LoRA network would have {parameters:,} parameters ({size / GIB:.1f} GiB with "
