@@ -202,6 +202,7 @@ PARTNERS = {
     "base_weights_multiplier": ["--base_weights", "a.safetensors", "b.safetensors"],
     "lr_warmup_steps": ["--lr_scheduler", "constant_with_warmup"],
     "max_bucket_reso": ["--min_bucket_reso", "64"], "memory_budget_gb": ["--gradient_checkpointing"],
+    "gradient_checkpointing_blocks": ["--gradient_checkpointing"],
 }
 SPECIAL = {
     "output_config": None, "config_file": None,  # tested in test_config_file.py
