@@ -32,6 +32,7 @@ from lorakit.families.base import ModelFamily
 from lorakit.models.components import Components
 from lorakit.train.checkpointing import (GIB, ActivationProfile, CheckpointPlan, choose_units, measure_activations,
                                          measure_layers)
+from lorakit.train.run_setup import compute_dtype, network_dtype
 
 logger = logging.getLogger("lorakit")
 
@@ -82,10 +83,6 @@ class MemoryEstimate:
 
 def size_text(size: int) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
-
-
-def compute_dtype(config: TrainConfig) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
 
 
 def estimate_memory(config: TrainConfig, family: ModelFamily, model: Components, network: nn.Module | None,
@@ -146,15 +143,11 @@ def network_parts(config: TrainConfig, network: nn.Module | None, state_bytes_pe
     if network is None:
         return [("network: a plug-in's, built at set-up, not counted", 0)]
     trained = sum(p.numel() for p in network.parameters())
-    parts = [("network weights", trained * network_bytes(config))]
+    parts = [("network weights", trained * network_dtype(config).itemsize)]
     if not config.fused_backward_pass:
-        parts.append(("network gradients", trained * network_bytes(config)))
+        parts.append(("network gradients", trained * network_dtype(config).itemsize))
     parts.append(("optimizer state", int(trained * state_bytes_per_element)))
     return parts
-
-
-def network_bytes(config: TrainConfig) -> int:
-    return 2 if config.full_bf16 or config.full_fp16 else 4
 
 
 def checkpoint_plan(config: TrainConfig, profile: ActivationProfile, fixed: int, device: torch.device,
@@ -194,7 +187,7 @@ def measuring(config: TrainConfig, model: Components, network: nn.Module | None)
     bases = [module for module in (model.unet, *model.text_encoders) if module is not None]
     before = [(module, next(module.parameters()).dtype, [p.requires_grad for p in module.parameters()])
               for module in bases]
-    network_dtype = next(network.parameters()).dtype if network is not None else None
+    network_before = next(network.parameters()).dtype if network is not None else None
     hooks = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))
@@ -204,7 +197,7 @@ def measuring(config: TrainConfig, model: Components, network: nn.Module | None)
         if network is not None:
             network.to(dtype)
             network.attach()  # new_network's network is not attached: detached again below
-            if dtype != torch.float32 and network_bytes(config) == 4:
+            if dtype != torch.float32 and network_dtype(config) == torch.float32:
                 hooks = [layer.register_forward_pre_hook(lambda _, args: (args[0].clone(), *args[1:]))
                          for layer in network.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))]
         try:
@@ -214,7 +207,7 @@ def measuring(config: TrainConfig, model: Components, network: nn.Module | None)
                 hook.remove()
             if network is not None:
                 network.detach()
-                network.to(network_dtype)
+                network.to(network_before)
             for module, original, grads in before:
                 nn.Module.to(module, original)
                 for parameter, grad in zip(module.parameters(), grads):

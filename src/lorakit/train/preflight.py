@@ -47,7 +47,8 @@ from lorakit.train.logs import check_logging
 from lorakit.train.memory import MemoryEstimate, Workload, estimate_memory, network_parts
 from lorakit.train.metadata import thumbnail_url
 from lorakit.train.resume import rehearse_restore
-from lorakit.train.run_setup import base_weight_multipliers, make_lr_scheduler, make_optimizer, new_network
+from lorakit.train.run_setup import (base_weight_multipliers, make_lr_scheduler, make_optimizer, network_dtype,
+                                     new_network)
 from lorakit.train.sample_prompts import SamplePrompt
 from lorakit.train.sampling import make_scheduler
 from lorakit.train.state import TrainState
@@ -212,7 +213,7 @@ def rehearse_optimization(config: TrainConfig, groups: list[dict], max_train_ste
     parameter."""
     # Matrices of the network's dtype, large enough for the state per parameter a LoRA's matrices get (Adafactor
     # factors matrices only; bitsandbytes keeps 32-bit state below 4096 elements).
-    dtype = torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else torch.float32
+    dtype = network_dtype(config)
     stand_ins = [{**group, "params": [torch.zeros(64, 128, device=device, dtype=dtype, requires_grad=True)]}
                  for group in groups]
     what = f"--optimizer_type {config.optimizer_type}" + (
@@ -247,7 +248,7 @@ def rehearse_resume(config: TrainConfig, resumed: TrainState, network: LoRANetwo
     """--resume into stand-ins of the run's network (real tensors of its shapes, uninitialised), optimizer,
     schedule and scaler, and one step (`lorakit.train.resume.rehearse_restore`)."""
     network.to_empty(device=device)
-    network.to(torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else torch.float32)
+    network.to(network_dtype(config))
     groups = network.parameter_groups(config.unet_lr, config.text_encoder_lr1, config.text_encoder_lr2,
                                       config.learning_rate)
     with warnings.catch_warnings():

@@ -24,6 +24,16 @@ from lorakit.train.schedulers import build_scheduler
 logger = logging.getLogger("lorakit")
 
 
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype of the frozen weights and of the step's arithmetic: --mixed_precision's, else float32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+def network_dtype(config: TrainConfig) -> torch.dtype:
+    """The trained weights' dtype: float32 unless --full_bf16 / --full_fp16."""
+    return torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else torch.float32
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise LorakitError("--mixed_precision fp16 needs a GPU: CPUs compute fp16 about 150x slower than bf16; use "

@@ -88,9 +88,9 @@ from lorakit.train.optimizers import BuiltOptimizer
 from lorakit.train.processes import all_reduce_sum, average_gradients, stop_requested
 from lorakit.train.preflight import preflight
 from lorakit.train.resume import RunProgress, advance_scheduler, read_resumed, restore, run_seed, start_position
-from lorakit.train.run_setup import (base_weight_multipliers, configure_attention, make_accelerator,
+from lorakit.train.run_setup import (base_weight_multipliers, compute_dtype, configure_attention, make_accelerator,
                                      make_lr_scheduler, make_network, make_optimizer, network_args_dict,
-                                     release_freed_memory, store_base_weights)
+                                     network_dtype, release_freed_memory, store_base_weights)
 from lorakit.train.sample_prompts import SamplePrompt, load_sample_prompts
 from lorakit.train.sampling import generate_samples, should_sample
 from lorakit.train.saving import Checkpointer
@@ -412,7 +412,7 @@ def load_models(config: TrainConfig, family: ModelFamily, device: torch.device) 
     With both caches the U-Net is not loaded here but by `cache_and_release`, once the VAE and the text encoders
     are gone: the run's peak memory is then about one U-Net, not the whole checkpoint (figures in bench/README.md).
     --base_weights may touch every model, so they keep the single load."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    weight_dtype = compute_dtype(config)
     vae_source = config.vae or config.pretrained_model_name_or_path
     # The VAE's own weights in fp32, not a copy already rounded to the mixed dtype while loading.
     fp32_vae = config.no_half_vae and weight_dtype != torch.float32 and os.path.exists(vae_source)
@@ -512,8 +512,7 @@ def cache_text(samples: list[Sample], components, encoder: CaptionEncoder, confi
 def prepare_network(config: TrainConfig, network, models: Models, plan: CheckpointPlan | None) -> None:
     """The network's dtype and device; gradient checkpointing of the plan's U-Net units (every unit for a model
     the dry run could not see); torch.compile."""
-    network.to(models.device, dtype=torch.bfloat16 if config.full_bf16 else torch.float16 if config.full_fp16 else
-               torch.float32)
+    network.to(models.device, dtype=network_dtype(config))
     if config.gradient_checkpointing:
         apply_plan(models.unet, plan.checkpointed if plan is not None else
                    tuple(name for name, _ in checkpoint_units(models.unet)))
